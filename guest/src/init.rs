@@ -1,0 +1,352 @@
+//! PID 1 of the lab's images, for both levels.
+//!
+//! Mounts the pseudo filesystems, reads `/lab/job.json`, runs its steps and reports over
+//! the protocol port, then reboots, which QEMU (`-no-reboot`) turns into a clean exit.
+//! In L1, a [`Step::Vm`] boots the L2 test VM on the patched KVM, relays its messages and
+//! console upwards, and answers its checkpoints with the VM's KVM statistics.
+
+use std::fs::{self, File};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use exitlab_proto::cpio::CpioWriter;
+use exitlab_proto::job::{Job, Level, Step, VmJob, FILES_DIR, JOB_PATH};
+use exitlab_proto::msg::{Msg, Status, Stream};
+use exitlab_proto::vm::{self, Accel, Chardev, VmSpec};
+use nix::mount::{mount, MsFlags};
+use nix::sys::reboot::{reboot, RebootMode};
+
+use crate::kvmstats::VmStatsReader;
+use crate::port::{self, Sender};
+
+const L2_SOCKET: &str = "/run/l2-proto.sock";
+const L2_INITRD: &str = "/tmp/l2-initrd.cpio";
+/// How long L2's QEMU gets to connect to the protocol socket.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Entry point of the init binary. Never returns.
+pub fn main() -> ! {
+    let level = level_from_cmdline();
+    let result = mount_pseudo_filesystems().and_then(|()| port::open_tty(vm::PROTO_TTY));
+    match result {
+        Ok((tty, reader)) => {
+            let tx = Sender::new(Box::new(tty.try_clone().expect("dup of the tty")));
+            let ok = match run(level, &tx, reader) {
+                Ok(ok) => ok,
+                Err(e) => {
+                    tx.send(&Msg::Failed {
+                        level,
+                        error: format!("{e:#}"),
+                    });
+                    false
+                }
+            };
+            tx.send(&Msg::Done { level, ok });
+            port::drain(&tty);
+        }
+        Err(e) => eprintln!("exitlab init: {e:#}"),
+    }
+    let _ = reboot(RebootMode::RB_AUTOBOOT);
+    // Not reached; if it were, returning from PID 1 panics the kernel, which the host sees.
+    std::process::exit(1)
+}
+
+fn level_from_cmdline() -> Level {
+    // /proc is not mounted yet; the kernel passes unknown `KEY=value` parameters to init's
+    // environment instead.
+    match std::env::var("EXITLAB_LEVEL").as_deref() {
+        Ok("l2") => Level::L2,
+        _ => Level::L1,
+    }
+}
+
+fn mount_pseudo_filesystems() -> Result<()> {
+    let mounts: [(&str, &str, &str); 6] = [
+        ("proc", "/proc", "proc"),
+        ("sysfs", "/sys", "sysfs"),
+        ("devtmpfs", "/dev", "devtmpfs"),
+        ("debugfs", "/sys/kernel/debug", "debugfs"),
+        ("tmpfs", "/tmp", "tmpfs"),
+        ("tmpfs", "/run", "tmpfs"),
+    ];
+    for (src, target, fstype) in mounts {
+        fs::create_dir_all(target).with_context(|| format!("mkdir {target}"))?;
+        mount(Some(src), target, Some(fstype), MsFlags::empty(), None::<&str>)
+            .with_context(|| format!("mounting {fstype} on {target}"))?;
+    }
+    Ok(())
+}
+
+fn hello(level: Level) -> Msg {
+    let kernel = nix::sys::utsname::uname()
+        .map(|u| {
+            format!(
+                "{} {}",
+                u.release().to_string_lossy(),
+                u.version().to_string_lossy()
+            )
+        })
+        .unwrap_or_default();
+    let cpuid = raw_cpuid::CpuId::new();
+    let vmx = cpuid.get_feature_info().is_some_and(|f| f.has_vmx());
+    let svm = cpuid
+        .get_extended_processor_and_feature_identifiers()
+        .is_some_and(|f| f.has_svm());
+    Msg::Hello {
+        level,
+        kernel,
+        cpus: thread::available_parallelism().map_or(1, |n| n.get() as u32),
+        svm,
+        vmx,
+    }
+}
+
+fn run(level: Level, tx: &Sender, reader: File) -> Result<bool> {
+    tx.send(&hello(level));
+    let text = fs::read_to_string(Path::new("/").join(JOB_PATH))
+        .with_context(|| format!("reading /{JOB_PATH}"))?;
+    let job = Job::parse(&text, level).context("the job in the image")?;
+    let mut reader = BufReader::new(reader);
+    for step in &job.steps {
+        let ok = match step {
+            Step::Run { argv } => run_program(level, argv, tx)?,
+            Step::Write { path, value } => {
+                fs::write(path, value).with_context(|| format!("writing {value:?} to {path}"))?;
+                true
+            }
+            Step::Checkpoint { tag } => {
+                tx.send(&Msg::Checkpoint { tag: tag.clone() });
+                port::wait_resume(&mut reader)?;
+                true
+            }
+            Step::Vm(vm) => run_vm(vm, tx)?,
+        };
+        if !ok {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Runs a program with its output streamed as messages. Returns whether it succeeded.
+fn run_program(level: Level, argv: &[String], tx: &Sender) -> Result<bool> {
+    let dir = Path::new("/").join(FILES_DIR);
+    fs::create_dir_all(&dir)?;
+    let mut child = Command::new(&argv[0])
+        .args(&argv[1..])
+        .current_dir(&dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {:?}", argv[0]))?;
+    let out = child.stdout.take().map(|r| relay_output(level, Stream::Stdout, r, tx));
+    let err = child.stderr.take().map(|r| relay_output(level, Stream::Stderr, r, tx));
+    let status = child.wait().context("waiting for the program")?;
+    for t in [out, err].into_iter().flatten() {
+        let _ = t.join();
+    }
+    let status = to_status(status);
+    tx.send(&Msg::Exited {
+        level,
+        argv: argv.to_vec(),
+        status,
+    });
+    Ok(status.success())
+}
+
+fn relay_output(
+    level: Level,
+    stream: Stream,
+    mut r: impl Read + Send + 'static,
+    tx: &Sender,
+) -> thread::JoinHandle<()> {
+    let tx = tx.clone();
+    thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = r.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            tx.send(&Msg::Output {
+                level,
+                stream,
+                text: String::from_utf8_lossy(&buf[..n]).into_owned(),
+            });
+        }
+    })
+}
+
+fn to_status(s: ExitStatus) -> Status {
+    match (s.code(), s.signal()) {
+        (Some(c), _) => Status::Code(c),
+        (None, Some(sig)) => Status::Signal(sig),
+        (None, None) => Status::Code(-1),
+    }
+}
+
+/// Writes the L2 image: this init, the guest programs, the L2 job and its files.
+fn write_l2_initrd(vm: &VmJob) -> Result<()> {
+    let out = File::create(L2_INITRD).with_context(|| format!("creating {L2_INITRD}"))?;
+    let mut w = CpioWriter::new(std::io::BufWriter::new(out));
+    w.file_from("init", 0o755, Path::new("/init"))?;
+    for e in fs::read_dir(vm::l1::GUEST_BIN_DIR).context("listing the guest programs")? {
+        let e = e?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        w.file_from(&format!("guest/{name}"), 0o755, &e.path())?;
+    }
+    for name in &vm.files {
+        let src = Path::new("/").join(FILES_DIR).join(name);
+        let mode = fs::metadata(&src)
+            .with_context(|| format!("file {name} for L2"))?
+            .permissions()
+            .mode();
+        w.file_from(&format!("{FILES_DIR}/{name}"), mode, &src)?;
+    }
+    w.dir(FILES_DIR)?;
+    w.file(JOB_PATH, 0o644, vm.job.to_json().as_bytes())?;
+    w.finish()?.flush()?;
+    Ok(())
+}
+
+/// Boots L2 on the patched KVM and relays it. Returns whether L2 reported success.
+fn run_vm(vm: &VmJob, tx: &Sender) -> Result<bool> {
+    write_l2_initrd(vm)?;
+    let _ = fs::remove_file(L2_SOCKET);
+    let listener = UnixListener::bind(L2_SOCKET).context("binding the L2 protocol socket")?;
+    listener.set_nonblocking(true)?;
+    let spec = VmSpec {
+        qemu: vm::l1::QEMU.into(),
+        firmware_dir: Some(vm::l1::FIRMWARE_DIR.into()),
+        accel: Accel::Kvm,
+        cpu: "host".into(),
+        vcpus: vm.vcpus,
+        memory_mib: vm.memory_mib,
+        kernel: vm::l1::KERNEL.into(),
+        initrd: L2_INITRD.into(),
+        append: vm::kernel_cmdline("EXITLAB_LEVEL=l2"),
+        console: Chardev::Stdio,
+        proto: Chardev::Socket(L2_SOCKET.into()),
+        extra: vec![],
+    };
+    let mut child = Command::new(&spec.qemu)
+        .args(spec.args())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting QEMU for L2")?;
+    let pid = child.id() as i32;
+    let relays: Vec<_> = [
+        child.stdout.take().map(|r| relay_console(r, "", tx)),
+        child.stderr.take().map(|r| relay_console(r, "qemu: ", tx)),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+
+    let result = match accept(&listener, &mut child) {
+        Ok(stream) => relay_l2(stream, pid, tx),
+        Err(e) => Err(e),
+    };
+    if result.is_err() {
+        let _ = child.kill();
+    }
+    let status = child.wait().context("waiting for L2's QEMU")?;
+    for r in relays {
+        let _ = r.join();
+    }
+    tx.send(&Msg::VmExited {
+        status: to_status(status),
+    });
+    result
+}
+
+fn accept(listener: &UnixListener, child: &mut Child) -> Result<UnixStream> {
+    let start = Instant::now();
+    loop {
+        match listener.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false)?;
+                return Ok(s);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e).context("accepting L2's protocol connection"),
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!("L2's QEMU exited before connecting ({status}); see the L2 console");
+        }
+        if start.elapsed() > CONNECT_TIMEOUT {
+            bail!("L2's QEMU did not connect within {CONNECT_TIMEOUT:?}");
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn relay_console(r: impl Read + Send + 'static, prefix: &'static str, tx: &Sender) -> thread::JoinHandle<()> {
+    let tx = tx.clone();
+    thread::spawn(move || {
+        let mut r = BufReader::new(r);
+        let mut line = Vec::new();
+        while let Ok(n) = r.read_until(b'\n', &mut line) {
+            if n == 0 {
+                break;
+            }
+            let text = String::from_utf8_lossy(&line);
+            tx.send(&Msg::Console {
+                level: Level::L2,
+                line: format!("{prefix}{}", text.trim_end_matches(['\r', '\n'])),
+            });
+            line.clear();
+        }
+    })
+}
+
+/// Relays L2's messages upwards until L2 is done, answering its checkpoints.
+fn relay_l2(stream: UnixStream, pid: i32, tx: &Sender) -> Result<bool> {
+    let mut to_l2 = stream.try_clone()?;
+    let mut stats = VmStatsReader::new(pid);
+    let mut r = BufReader::new(stream);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if r.read_line(&mut line).context("reading L2's protocol socket")? == 0 {
+            bail!("L2 stopped reporting before it was done; see the L2 console");
+        }
+        let msg = match Msg::from_line(&line) {
+            Ok(m) => m,
+            Err(e) => {
+                tx.send(&Msg::Console {
+                    level: Level::L2,
+                    line: format!("exitlab: unreadable protocol line ({e}): {}", line.trim_end()),
+                });
+                continue;
+            }
+        };
+        match msg {
+            Msg::Checkpoint { tag } => {
+                let vm = stats.read().context("reading the L2 VM's KVM statistics")?;
+                tx.send(&Msg::KvmStats { tag, vm });
+                to_l2.write_all(Msg::Resume.to_line().as_bytes())?;
+            }
+            Msg::Done { ok, .. } => {
+                if let Ok(vm) = stats.read() {
+                    tx.send(&Msg::KvmStats {
+                        tag: "done".into(),
+                        vm,
+                    });
+                }
+                tx.send(&msg);
+                return Ok(ok);
+            }
+            other => tx.send(&other),
+        }
+    }
+}

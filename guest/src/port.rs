@@ -1,0 +1,68 @@
+//! The protocol serial port (`/dev/ttyS1`): typed messages out, typed messages in.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::AsFd;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result};
+use exitlab_proto::msg::Msg;
+use nix::sys::termios::{self, SetArg};
+
+/// A cloneable sender of messages; every message is one `write` of one line, so messages
+/// from several threads never interleave.
+#[derive(Clone)]
+pub struct Sender {
+    out: Arc<Mutex<Box<dyn Write + Send>>>,
+}
+
+impl Sender {
+    pub fn new(out: Box<dyn Write + Send>) -> Self {
+        Self {
+            out: Arc::new(Mutex::new(out)),
+        }
+    }
+
+    pub fn send(&self, msg: &Msg) {
+        let line = msg.to_line();
+        // A poisoned lock only means another sender panicked mid-write; keep reporting.
+        let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
+        // Nothing sensible can be done if the port itself fails: the host sees a timeout
+        // and keeps the console log, which says why.
+        let _ = out.write_all(line.as_bytes()).and_then(|_| out.flush());
+    }
+}
+
+/// Opens the serial port in raw mode (no echo, no line discipline rewriting `\n`).
+pub fn open_tty(path: &str) -> Result<(File, File)> {
+    let tty = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("opening the protocol port {path}"))?;
+    let mut t = termios::tcgetattr(tty.as_fd()).context("tcgetattr")?;
+    termios::cfmakeraw(&mut t);
+    termios::cfsetspeed(&mut t, termios::BaudRate::B115200).context("cfsetspeed")?;
+    termios::tcsetattr(tty.as_fd(), SetArg::TCSANOW, &t).context("tcsetattr")?;
+    let reader = tty.try_clone().context("dup of the protocol port")?;
+    Ok((tty, reader))
+}
+
+/// Waits until the port delivers `Msg::Resume`, ignoring anything else.
+pub fn wait_resume<R: std::io::Read>(reader: &mut BufReader<R>) -> Result<()> {
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if reader.read_line(&mut line).context("reading the protocol port")? == 0 {
+            anyhow::bail!("protocol port closed while waiting for resume");
+        }
+        if let Ok(Msg::Resume) = Msg::from_line(&line) {
+            return Ok(());
+        }
+    }
+}
+
+/// Blocks until everything written to the tty has left it.
+pub fn drain(tty: &File) {
+    let _ = termios::tcdrain(tty.as_fd());
+}

@@ -1,0 +1,179 @@
+//! Jobs: what labctl asks the L1 lab host to do, and what L1 asks the L2 test VM to do.
+//!
+//! A job travels as `/lab/job.json` inside the VM's initramfs; files it needs travel as
+//! `/lab/files/<name>` next to it. The image's init (PID 1) runs the steps in order.
+
+use serde::{Deserialize, Serialize};
+
+/// Where a job's JSON lives inside a VM.
+pub const JOB_PATH: &str = "lab/job.json";
+/// Where a job's files live inside a VM; programs run with this as working directory.
+pub const FILES_DIR: &str = "lab/files";
+
+/// Nesting level of a VM in the lab.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Level {
+    /// The lab host: the patched kernel with KVM built in, under QEMU on the real host.
+    L1,
+    /// The test VM, run by the patched KVM inside L1.
+    L2,
+}
+
+impl std::fmt::Display for Level {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Level::L1 => "L1",
+            Level::L2 => "L2",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Job {
+    pub level: Level,
+    pub steps: Vec<Step>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "step", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Step {
+    /// Run a program (absolute path, or relative to [`FILES_DIR`]); its output streams back
+    /// as [`Msg::Output`](crate::msg::Msg::Output), then [`Msg::Exited`](crate::msg::Msg::Exited).
+    Run { argv: Vec<String> },
+    /// Write `value` to `path`, e.g. a KVM module parameter under /sys/module/kvm/parameters.
+    Write { path: String, value: String },
+    /// L2 only: have L1 report the KVM statistics of this VM now, and wait until it has.
+    Checkpoint { tag: String },
+    /// L1 only: boot an L2 VM on the patched KVM and run its job there.
+    Vm(VmJob),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmJob {
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    /// Names of files under [`FILES_DIR`] of L1 to copy into the L2's [`FILES_DIR`].
+    pub files: Vec<String>,
+    pub job: Job,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error("job is not valid JSON for this version of the lab: {0}")]
+    Parse(#[from] serde_json::Error),
+    #[error("job for {found} delivered to {expected}")]
+    WrongLevel { expected: Level, found: Level },
+    #[error("step {index} ({step}) cannot run in {level}")]
+    Misplaced {
+        index: usize,
+        step: &'static str,
+        level: Level,
+    },
+    #[error("step {0}: empty argv")]
+    EmptyArgv(usize),
+}
+
+impl Job {
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("jobs always serialize")
+    }
+
+    /// Parses and validates a job delivered to a VM at `level`.
+    pub fn parse(text: &str, level: Level) -> Result<Job, JobError> {
+        let job: Job = serde_json::from_str(text)?;
+        job.validate(level)?;
+        Ok(job)
+    }
+
+    pub fn validate(&self, level: Level) -> Result<(), JobError> {
+        if self.level != level {
+            return Err(JobError::WrongLevel {
+                expected: level,
+                found: self.level,
+            });
+        }
+        for (index, step) in self.steps.iter().enumerate() {
+            let misplaced = |step| JobError::Misplaced {
+                index,
+                step,
+                level,
+            };
+            match step {
+                Step::Run { argv } if argv.is_empty() => return Err(JobError::EmptyArgv(index)),
+                Step::Checkpoint { .. } if level != Level::L2 => {
+                    return Err(misplaced("checkpoint"))
+                }
+                Step::Vm(vm) => {
+                    if level != Level::L1 {
+                        return Err(misplaced("vm"));
+                    }
+                    vm.job.validate(Level::L2)?;
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lab_job() -> Job {
+        Job {
+            level: Level::L1,
+            steps: vec![Step::Vm(VmJob {
+                vcpus: 1,
+                memory_mib: 256,
+                files: vec![],
+                job: Job {
+                    level: Level::L2,
+                    steps: vec![
+                        Step::Run {
+                            argv: vec!["/guest/test_assignment2".into()],
+                        },
+                        Step::Checkpoint { tag: "1".into() },
+                    ],
+                },
+            })],
+        }
+    }
+
+    #[test]
+    fn round_trips_and_validates() {
+        let job = lab_job();
+        assert_eq!(Job::parse(&job.to_json(), Level::L1).unwrap(), job);
+    }
+
+    #[test]
+    fn rejects_misplaced_steps_and_levels() {
+        let job = lab_job();
+        assert!(matches!(
+            Job::parse(&job.to_json(), Level::L2),
+            Err(JobError::WrongLevel { .. })
+        ));
+        let bad = Job {
+            level: Level::L1,
+            steps: vec![Step::Checkpoint { tag: "x".into() }],
+        };
+        assert!(matches!(
+            bad.validate(Level::L1),
+            Err(JobError::Misplaced { .. })
+        ));
+        let empty = Job {
+            level: Level::L1,
+            steps: vec![Step::Run { argv: vec![] }],
+        };
+        assert!(matches!(empty.validate(Level::L1), Err(JobError::EmptyArgv(0))));
+    }
+
+    #[test]
+    fn rejects_unknown_fields() {
+        let text = r#"{"level":"l1","steps":[],"extra":1}"#;
+        assert!(matches!(Job::parse(text, Level::L1), Err(JobError::Parse(_))));
+    }
+}

@@ -1,0 +1,205 @@
+//! Messages the lab's VMs report, one JSON object per line on the protocol serial port
+//! (`ttyS1`). L2 writes to its ttyS1; L1 relays those upwards with its own on its ttyS1;
+//! labctl reads them. The console (`ttyS0`) is for humans and logs only.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::job::Level;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// How a program or VM ended: an exit code or the signal that killed it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Code(i32),
+    Signal(i32),
+}
+
+impl Status {
+    pub fn success(&self) -> bool {
+        *self == Status::Code(0)
+    }
+
+    /// The conventional shell exit status: the code, or 128 + signal.
+    pub fn shell_code(&self) -> i32 {
+        match *self {
+            Status::Code(c) => c,
+            Status::Signal(s) => 128 + s,
+        }
+    }
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Status::Code(c) => write!(f, "exit code {c}"),
+            Status::Signal(s) => write!(f, "killed by signal {s}"),
+        }
+    }
+}
+
+/// KVM's binary statistics (`KVM_GET_STATS_FD`) of one vCPU, by name.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VcpuStats {
+    pub id: u32,
+    pub stats: BTreeMap<String, u64>,
+}
+
+/// Statistics of every vCPU of one VM, read from the L1 kernel while the VM runs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmStats {
+    pub vcpus: Vec<VcpuStats>,
+}
+
+impl VmStats {
+    /// Sum of one statistic over all vCPUs; `None` if no vCPU reports it.
+    pub fn total(&self, name: &str) -> Option<u64> {
+        let mut found = false;
+        let mut sum = 0u64;
+        for v in &self.vcpus {
+            if let Some(x) = v.stats.get(name) {
+                found = true;
+                sum = sum.wrapping_add(*x);
+            }
+        }
+        found.then_some(sum)
+    }
+
+    /// One statistic per vCPU, in vCPU id order.
+    pub fn per_vcpu(&self, name: &str) -> Vec<(u32, Option<u64>)> {
+        let mut v: Vec<_> = self
+            .vcpus
+            .iter()
+            .map(|v| (v.id, v.stats.get(name).copied()))
+            .collect();
+        v.sort_by_key(|(id, _)| *id);
+        v
+    }
+}
+
+/// Host-side name of the per-vCPU exit counter (upstream KVM).
+pub const STAT_EXITS: &str = "exits";
+/// Host-side name of the per-vCPU exit-cycles counter (added by kernel/patches).
+pub const STAT_EXIT_CYCLES: &str = "exit_cycles";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "msg", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Msg {
+    /// A VM's init is up.
+    Hello {
+        level: Level,
+        kernel: String,
+        cpus: u32,
+        /// CPUID says the (virtual) CPU has AMD SVM / Intel VMX.
+        svm: bool,
+        vmx: bool,
+    },
+    /// Output of a program run by a [`Step::Run`](crate::job::Step::Run).
+    Output {
+        level: Level,
+        stream: Stream,
+        text: String,
+    },
+    /// A program run by a step ended.
+    Exited {
+        level: Level,
+        argv: Vec<String>,
+        status: Status,
+    },
+    /// A console line of the VM one level below, relayed by its parent.
+    Console { level: Level, line: String },
+    /// L2 → L1: report this VM's KVM statistics now; L2 waits for [`Msg::Resume`].
+    Checkpoint { tag: String },
+    /// L1 → L2: the checkpoint was taken.
+    Resume,
+    /// L1 → host: the statistics of the L2 VM at a checkpoint (or when it ended).
+    KvmStats { tag: String, vm: VmStats },
+    /// A step could not be carried out; the job stops.
+    Failed { level: Level, error: String },
+    /// L1 → host: the L2 VM's QEMU ended.
+    VmExited { status: Status },
+    /// All steps ran; `ok` is false if a step failed.
+    Done { level: Level, ok: bool },
+}
+
+impl Msg {
+    /// One line of JSON, with the trailing newline.
+    pub fn to_line(&self) -> String {
+        let mut s = serde_json::to_string(self).expect("messages always serialize");
+        s.push('\n');
+        s
+    }
+
+    pub fn from_line(line: &str) -> Result<Msg, serde_json::Error> {
+        serde_json::from_str(line.trim_end_matches(['\r', '\n']))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_line_each_and_round_trips() {
+        let msgs = [
+            Msg::Output {
+                level: Level::L2,
+                stream: Stream::Stdout,
+                text: "a\nb\n".into(),
+            },
+            Msg::Exited {
+                level: Level::L2,
+                argv: vec!["./x".into()],
+                status: Status::Signal(9),
+            },
+            Msg::KvmStats {
+                tag: "end".into(),
+                vm: VmStats {
+                    vcpus: vec![VcpuStats {
+                        id: 0,
+                        stats: [("exits".to_string(), 5)].into(),
+                    }],
+                },
+            },
+        ];
+        for m in msgs {
+            let line = m.to_line();
+            assert_eq!(line.matches('\n').count(), 1);
+            assert_eq!(Msg::from_line(&line).unwrap(), m);
+        }
+    }
+
+    #[test]
+    fn totals_and_per_vcpu() {
+        let vm = VmStats {
+            vcpus: vec![
+                VcpuStats {
+                    id: 1,
+                    stats: [("exits".to_string(), 7)].into(),
+                },
+                VcpuStats {
+                    id: 0,
+                    stats: [("exits".to_string(), 5)].into(),
+                },
+            ],
+        };
+        assert_eq!(vm.total("exits"), Some(12));
+        assert_eq!(vm.total("exit_cycles"), None);
+        assert_eq!(vm.per_vcpu("exits"), vec![(0, Some(5)), (1, Some(7))]);
+    }
+
+    #[test]
+    fn shell_codes() {
+        assert_eq!(Status::Code(3).shell_code(), 3);
+        assert_eq!(Status::Signal(9).shell_code(), 137);
+        assert!(!Status::Code(1).success());
+    }
+}

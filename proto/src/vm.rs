@@ -1,0 +1,169 @@
+//! How the lab launches a VM: QEMU's arguments, the serial port layout, the kernel command
+//! line, and where things live inside the L1 image. Used by labctl for L1 and by L1's init
+//! for L2, so both levels are wired the same way:
+//!
+//! - COM1 / `ttyS0`: the kernel console (kept as a log file by whoever launched the VM);
+//! - COM2 / `ttyS1`: the protocol channel ([`crate::msg`]).
+
+/// Paths inside the L1 image.
+pub mod l1 {
+    pub const QEMU: &str = "/usr/bin/qemu-system-x86_64";
+    pub const FIRMWARE_DIR: &str = "/usr/share/qemu";
+    pub const KERNEL: &str = "/boot/bzImage";
+    pub const GUEST_BIN_DIR: &str = "/guest";
+    pub const SELFTEST: &str = "/kselftest/exit_stats_test";
+}
+
+/// Firmware files QEMU needs for `-M pc` with `-kernel` (looked up in `-L`).
+pub const FIRMWARE: &[&str] = &["bios-256k.bin", "linuxboot_dma.bin", "kvmvapic.bin"];
+
+/// The protocol serial port inside a VM.
+pub const PROTO_TTY: &str = "/dev/ttyS1";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    Kvm,
+    Tcg,
+}
+
+/// Where a serial port's bytes go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Chardev {
+    /// QEMU's stdin/stdout.
+    Stdio,
+    /// Appended to a file.
+    File(String),
+    /// A Unix socket that the launcher listens on; QEMU connects.
+    Socket(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmSpec {
+    pub qemu: String,
+    /// `-L`: where QEMU finds its firmware (needed when QEMU is not where it was installed).
+    pub firmware_dir: Option<String>,
+    pub accel: Accel,
+    pub cpu: String,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub kernel: String,
+    pub initrd: String,
+    pub append: String,
+    pub console: Chardev,
+    pub proto: Chardev,
+    /// Anything else, e.g. `-icount`.
+    pub extra: Vec<String>,
+}
+
+/// QEMU option values are comma separated; a literal comma is written twice.
+fn esc(path: &str) -> String {
+    path.replace(',', ",,")
+}
+
+impl Chardev {
+    fn args(&self, id: &str) -> Vec<String> {
+        let backend = match self {
+            Chardev::Stdio => format!("stdio,id={id},signal=off"),
+            Chardev::File(p) => format!("file,id={id},path={}", esc(p)),
+            Chardev::Socket(p) => format!("socket,id={id},path={}", esc(p)),
+        };
+        vec![
+            "-chardev".into(),
+            backend,
+            "-serial".into(),
+            format!("chardev:{id}"),
+        ]
+    }
+}
+
+/// Kernel command line of every lab VM, before level-specific additions.
+///
+/// `panic=-1` reboots at once on a panic, and `-no-reboot` turns that into QEMU exiting,
+/// so a panicking guest never hangs the lab.
+pub fn kernel_cmdline(extra: &str) -> String {
+    let base = "console=ttyS0 panic=-1 oops=panic rdinit=/init";
+    if extra.is_empty() {
+        base.to_string()
+    } else {
+        format!("{base} {extra}")
+    }
+}
+
+impl VmSpec {
+    pub fn args(&self) -> Vec<String> {
+        let mut a: Vec<String> = vec!["-nodefaults".into(), "-no-user-config".into()];
+        if let Some(dir) = &self.firmware_dir {
+            a.extend(["-L".into(), dir.clone()]);
+        }
+        let (accel, machine) = match self.accel {
+            Accel::Kvm => ("kvm", "pc"),
+            Accel::Tcg => ("tcg,thread=multi", "pc"),
+        };
+        a.extend([
+            "-machine".into(),
+            machine.into(),
+            "-accel".into(),
+            accel.into(),
+            "-cpu".into(),
+            self.cpu.clone(),
+            "-smp".into(),
+            self.vcpus.to_string(),
+            "-m".into(),
+            format!("{}M", self.memory_mib),
+            "-display".into(),
+            "none".into(),
+            "-no-reboot".into(),
+            "-kernel".into(),
+            self.kernel.clone(),
+            "-initrd".into(),
+            self.initrd.clone(),
+            "-append".into(),
+            self.append.clone(),
+        ]);
+        a.extend(self.console.args("console"));
+        a.extend(self.proto.args("proto"));
+        a.extend(self.extra.iter().cloned());
+        a
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn console_is_com1_and_proto_is_com2() {
+        let spec = VmSpec {
+            qemu: "qemu".into(),
+            firmware_dir: Some("/usr/share/qemu".into()),
+            accel: Accel::Kvm,
+            cpu: "host".into(),
+            vcpus: 4,
+            memory_mib: 256,
+            kernel: "/boot/bzImage".into(),
+            initrd: "/tmp/l2.cpio".into(),
+            append: kernel_cmdline(""),
+            console: Chardev::Stdio,
+            proto: Chardev::Socket("/run/a,b.sock".into()),
+            extra: vec![],
+        };
+        let a = spec.args();
+        let serials: Vec<_> = a
+            .iter()
+            .enumerate()
+            .filter(|(_, x)| *x == "-serial")
+            .map(|(i, _)| a[i + 1].as_str())
+            .collect();
+        assert_eq!(serials, ["chardev:console", "chardev:proto"]);
+        assert!(a.contains(&"socket,id=proto,path=/run/a,,b.sock".to_string()));
+        assert!(a.windows(2).any(|w| w == ["-smp", "4"]));
+        assert!(a.windows(2).any(|w| w == ["-m", "256M"]));
+        assert!(a.contains(&"-no-reboot".to_string()));
+    }
+
+    #[test]
+    fn cmdline_panics_reboot() {
+        assert!(kernel_cmdline("x=1").contains("panic=-1"));
+        assert!(kernel_cmdline("x=1").ends_with(" x=1"));
+    }
+}
