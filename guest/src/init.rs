@@ -78,8 +78,14 @@ fn mount_pseudo_filesystems() -> Result<()> {
     ];
     for (src, target, fstype) in mounts {
         fs::create_dir_all(target).with_context(|| format!("mkdir {target}"))?;
-        mount(Some(src), target, Some(fstype), MsFlags::empty(), None::<&str>)
-            .with_context(|| format!("mounting {fstype} on {target}"))?;
+        mount(
+            Some(src),
+            target,
+            Some(fstype),
+            MsFlags::empty(),
+            None::<&str>,
+        )
+        .with_context(|| format!("mounting {fstype} on {target}"))?;
     }
     Ok(())
 }
@@ -139,7 +145,13 @@ fn run(level: Level, tx: &Sender, reader: File) -> Result<bool> {
 fn run_program(level: Level, argv: &[String], tx: &Sender) -> Result<bool> {
     let dir = Path::new("/").join(FILES_DIR);
     fs::create_dir_all(&dir)?;
-    let mut child = Command::new(&argv[0])
+    // `./prog` means the job's file, whatever the platform's rule for relative paths is.
+    let program = if argv[0].contains('/') && !argv[0].starts_with('/') {
+        dir.join(&argv[0])
+    } else {
+        Path::new(&argv[0]).to_path_buf()
+    };
+    let mut child = Command::new(&program)
         .args(&argv[1..])
         .current_dir(&dir)
         .stdin(Stdio::null())
@@ -147,8 +159,14 @@ fn run_program(level: Level, argv: &[String], tx: &Sender) -> Result<bool> {
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("starting {:?}", argv[0]))?;
-    let out = child.stdout.take().map(|r| relay_output(level, Stream::Stdout, r, tx));
-    let err = child.stderr.take().map(|r| relay_output(level, Stream::Stderr, r, tx));
+    let out = child
+        .stdout
+        .take()
+        .map(|r| relay_output(level, Stream::Stdout, r, tx));
+    let err = child
+        .stderr
+        .take()
+        .map(|r| relay_output(level, Stream::Stderr, r, tx));
     let status = child.wait().context("waiting for the program")?;
     for t in [out, err].into_iter().flatten() {
         let _ = t.join();
@@ -290,7 +308,11 @@ fn accept(listener: &UnixListener, child: &mut Child) -> Result<UnixStream> {
     }
 }
 
-fn relay_console(r: impl Read + Send + 'static, prefix: &'static str, tx: &Sender) -> thread::JoinHandle<()> {
+fn relay_console(
+    r: impl Read + Send + 'static,
+    prefix: &'static str,
+    tx: &Sender,
+) -> thread::JoinHandle<()> {
     let tx = tx.clone();
     thread::spawn(move || {
         let mut r = BufReader::new(r);
@@ -317,7 +339,10 @@ fn relay_l2(stream: UnixStream, pid: i32, tx: &Sender) -> Result<bool> {
     let mut line = String::new();
     loop {
         line.clear();
-        if r.read_line(&mut line).context("reading L2's protocol socket")? == 0 {
+        if r.read_line(&mut line)
+            .context("reading L2's protocol socket")?
+            == 0
+        {
             bail!("L2 stopped reporting before it was done; see the L2 console");
         }
         let msg = match Msg::from_line(&line) {
@@ -325,7 +350,10 @@ fn relay_l2(stream: UnixStream, pid: i32, tx: &Sender) -> Result<bool> {
             Err(e) => {
                 tx.send(&Msg::Console {
                     level: Level::L2,
-                    line: format!("exitlab: unreadable protocol line ({e}): {}", line.trim_end()),
+                    line: format!(
+                        "exitlab: unreadable protocol line ({e}): {}",
+                        line.trim_end()
+                    ),
                 });
                 continue;
             }

@@ -53,7 +53,11 @@ pub fn wait_resume<R: std::io::Read>(reader: &mut BufReader<R>) -> Result<()> {
     let mut line = String::new();
     loop {
         line.clear();
-        if reader.read_line(&mut line).context("reading the protocol port")? == 0 {
+        if reader
+            .read_line(&mut line)
+            .context("reading the protocol port")?
+            == 0
+        {
             anyhow::bail!("protocol port closed while waiting for resume");
         }
         if let Ok(Msg::Resume) = Msg::from_line(&line) {

@@ -1,1 +1,206 @@
-fn main() {}
+//! labctl: builds the patched kernel and the lab's images, boots the nested lab
+//! (host → L1 with the patched KVM → L2), runs scenarios in it and verifies the exit
+//! counters against KVM's own statistics.
+//!
+//! Pipeline, one module per stage: config → kernel → images → boot → scenario → verify → report.
+
+mod accel;
+mod boot;
+mod config;
+mod doctor;
+mod error;
+mod images;
+mod kernel;
+mod progress;
+mod report;
+mod scenario;
+mod verify;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{AccelChoice, FileConfig, LabConfig, Overrides};
+use crate::error::{code, LabError};
+use crate::images::Artifacts;
+use crate::scenario::Lab;
+
+const EXIT_CODES: &str = "Exit status: 0 success; 1 a scenario's check failed; 2 setup error (missing tool, bad input, failed build); 124 timeout (a VM hung and was killed); 125 a guest kernel panicked; 126 QEMU crashed or a VM stopped without reporting. `exec` exits with the guest command's own status (128+N if killed by signal N, 127 if it could not be started).";
+
+#[derive(Parser)]
+#[command(name = "labctl", version, about, after_help = EXIT_CODES)]
+struct Cli {
+    /// Lab configuration file (default: ./lab.yaml if it exists).
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// The kvm-exit-lab repository (kernel/patches, kernel/lab.config, guest sources).
+    #[arg(long, global = true, value_name = "DIR", env = "LABCTL_REPO")]
+    repo: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Build the patched kernel, the selftest, the guest programs and the L1 image.
+    Build(LabArgs),
+    /// Boot the lab and run test_assignment2 twice in L2; check the readings.
+    Lab(LabArgs),
+    /// Run a command in L2, after copying host files into its working directory.
+    Exec(ExecArgs),
+    /// Run the patch series' KVM selftest inside L1, on the patched KVM.
+    Selftest(LabArgs),
+    /// List what the lab needs from this machine, and how to install what is missing.
+    Doctor,
+}
+
+#[derive(Args, Clone, Default)]
+struct LabArgs {
+    /// How to run L1: hardware KVM (checked to work and to nest), TCG, or auto.
+    #[arg(long, value_enum)]
+    accel: Option<AccelChoice>,
+    /// Seconds the whole run may take before the VMs are killed.
+    #[arg(long, value_name = "SECONDS")]
+    timeout: Option<u64>,
+    /// vCPUs of the L2 test VM.
+    #[arg(long, value_name = "N")]
+    vcpus: Option<u32>,
+    /// Memory of the L2 test VM (MiB, or with M/G).
+    #[arg(long, value_name = "SIZE", value_parser = config::parse_memory)]
+    memory: Option<u32>,
+    /// vCPUs of L1.
+    #[arg(long, value_name = "N")]
+    l1_vcpus: Option<u32>,
+    /// Memory of L1 (MiB, or with M/G).
+    #[arg(long, value_name = "SIZE", value_parser = config::parse_memory)]
+    l1_memory: Option<u32>,
+    /// Kernel source: a Linux 6.12 tree or tarball (default: /usr/src/linux-source-6.12.tar.*).
+    #[arg(long, value_name = "DIR|TARBALL")]
+    kernel_src: Option<PathBuf>,
+    /// Where builds, images and run logs go (default: <repo>/build).
+    #[arg(long, value_name = "DIR")]
+    build_dir: Option<PathBuf>,
+    /// Prebuilt patched bzImage (with --selftest: skips the kernel build).
+    #[arg(long, value_name = "FILE", env = "LABCTL_KERNEL")]
+    kernel: Option<PathBuf>,
+    /// Prebuilt exit_stats_test selftest binary.
+    #[arg(long, value_name = "FILE", env = "LABCTL_SELFTEST")]
+    selftest: Option<PathBuf>,
+    /// Directory with prebuilt static guest programs (lab-init, test_assignment2).
+    #[arg(long, value_name = "DIR", env = "LABCTL_GUEST_DIR")]
+    guest_dir: Option<PathBuf>,
+    /// Prebuilt L1 base image (skips image assembly; needs --kernel).
+    #[arg(long, value_name = "FILE", env = "LABCTL_L1_IMAGE")]
+    l1_image: Option<PathBuf>,
+    /// Extra kernel command line for L1, e.g. `kvm.exit_accounting=0`.
+    #[arg(long, value_name = "ARGS", default_value = "")]
+    l1_cmdline: String,
+}
+
+#[derive(Args)]
+struct ExecArgs {
+    #[command(flatten)]
+    lab: LabArgs,
+    /// A host file to copy into L2's working directory (name and mode kept). Repeatable.
+    #[arg(long = "file", value_name = "PATH")]
+    files: Vec<PathBuf>,
+    /// The command to run in L2 (relative paths are in the working directory).
+    #[arg(last = true, required = true, value_name = "CMD")]
+    argv: Vec<String>,
+}
+
+fn lab_from(cli_config: Option<PathBuf>, repo: Option<PathBuf>, a: LabArgs) -> anyhow::Result<Lab> {
+    let repo = repo.unwrap_or_else(scenario::default_repo);
+    let file = match cli_config {
+        Some(p) => FileConfig::load(&p)?,
+        None if std::path::Path::new("lab.yaml").is_file() => {
+            FileConfig::load(std::path::Path::new("lab.yaml"))?
+        }
+        None => FileConfig::default(),
+    };
+    if a.l1_image.is_some() && a.kernel.is_none() {
+        return Err(error::setup(
+            "--l1-image needs --kernel: the image contains L2's kernel, L1 boots the one given",
+        ));
+    }
+    let cfg = LabConfig::resolve(
+        file,
+        Overrides {
+            accel: a.accel,
+            timeout: a.timeout,
+            kernel_src: a.kernel_src,
+            build_dir: a.build_dir,
+            l1_vcpus: a.l1_vcpus,
+            l1_memory_mib: a.l1_memory,
+            vcpus: a.vcpus,
+            memory_mib: a.memory,
+        },
+        &repo,
+    )?;
+    for p in [&a.kernel, &a.selftest, &a.l1_image].into_iter().flatten() {
+        if !p.is_file() {
+            return Err(error::setup(format!("{}: no such file", p.display())));
+        }
+    }
+    Ok(Lab {
+        cfg,
+        repo,
+        artifacts: Artifacts {
+            kernel: a.kernel,
+            selftest: a.selftest,
+            guest_dir: a.guest_dir,
+            l1_image: a.l1_image,
+        },
+        l1_cmdline: a.l1_cmdline,
+    })
+}
+
+fn run(cli: Cli) -> anyhow::Result<i32> {
+    match cli.command {
+        Command::Doctor => Ok(if doctor::report() {
+            0
+        } else {
+            code::SETUP.into()
+        }),
+        Command::Build(a) => {
+            let lab = lab_from(cli.config, cli.repo, a)?;
+            let p = lab.build()?;
+            println!("kernel: {}", p.kernel.display());
+            println!("image:  {}", p.image.display());
+            if let Some(b) = p.build {
+                println!(
+                    "info:   {}",
+                    kernel::KernelDirs::new(&lab.cfg.build_dir).info().display()
+                );
+                println!(
+                    "Linux {} + {} patches from {}",
+                    b.version,
+                    b.patches.len(),
+                    b.source
+                );
+            }
+            Ok(0)
+        }
+        Command::Lab(a) => scenario::lab(&lab_from(cli.config, cli.repo, a)?),
+        Command::Selftest(a) => scenario::selftest(&lab_from(cli.config, cli.repo, a)?),
+        Command::Exec(e) => {
+            let lab = lab_from(cli.config, cli.repo, e.lab)?;
+            scenario::exec(&lab, &e.files, &e.argv)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(c) => ExitCode::from(c.clamp(0, 255) as u8),
+        Err(e) => {
+            let code = e
+                .downcast_ref::<LabError>()
+                .map_or(code::SETUP, LabError::exit_code);
+            eprintln!("labctl: {e:#}");
+            ExitCode::from(code)
+        }
+    }
+}

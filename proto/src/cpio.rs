@@ -188,7 +188,8 @@ pub struct Entry {
 
 /// Reads back a (possibly concatenated) newc archive. Used to check images.
 pub fn read_entries(mut buf: &[u8]) -> Result<Vec<Entry>, CpioError> {
-    let bad = |what: &str| CpioError::Io(io::Error::new(io::ErrorKind::InvalidData, what.to_string()));
+    let bad =
+        |what: &str| CpioError::Io(io::Error::new(io::ErrorKind::InvalidData, what.to_string()));
     let mut entries = Vec::new();
     let total = buf.len();
     while !buf.is_empty() {
@@ -231,7 +232,8 @@ mod tests {
     #[test]
     fn round_trips_files_dirs_and_links_with_parents_first() {
         let mut w = CpioWriter::new(Vec::new());
-        w.file("usr/share/qemu/bios-256k.bin", 0o644, b"bios").unwrap();
+        w.file("usr/share/qemu/bios-256k.bin", 0o644, b"bios")
+            .unwrap();
         w.file("init", 0o755, b"#!").unwrap();
         w.symlink("lib64/ld.so", "/lib/ld.so").unwrap();
         w.dir("tmp").unwrap();

@@ -96,11 +96,7 @@ impl Job {
             });
         }
         for (index, step) in self.steps.iter().enumerate() {
-            let misplaced = |step| JobError::Misplaced {
-                index,
-                step,
-                level,
-            };
+            let misplaced = |step| JobError::Misplaced { index, step, level };
             match step {
                 Step::Run { argv } if argv.is_empty() => return Err(JobError::EmptyArgv(index)),
                 Step::Checkpoint { .. } if level != Level::L2 => {
@@ -168,12 +164,18 @@ mod tests {
             level: Level::L1,
             steps: vec![Step::Run { argv: vec![] }],
         };
-        assert!(matches!(empty.validate(Level::L1), Err(JobError::EmptyArgv(0))));
+        assert!(matches!(
+            empty.validate(Level::L1),
+            Err(JobError::EmptyArgv(0))
+        ));
     }
 
     #[test]
     fn rejects_unknown_fields() {
         let text = r#"{"level":"l1","steps":[],"extra":1}"#;
-        assert!(matches!(Job::parse(text, Level::L1), Err(JobError::Parse(_))));
+        assert!(matches!(
+            Job::parse(text, Level::L1),
+            Err(JobError::Parse(_))
+        ));
     }
 }

@@ -1,0 +1,356 @@
+//! Stage 4 of the pipeline, the boot: starts L1 under QEMU, reads the typed messages L1
+//! (and, relayed, L2) report, keeps every console as a log, and turns hangs, panics and
+//! crashes into distinct errors that name the logs.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use exitlab_proto::job::Level;
+use exitlab_proto::msg::Msg;
+use exitlab_proto::vm::{kernel_cmdline, Chardev, VmSpec};
+use xshell::{cmd, Shell};
+
+use crate::accel::AccelDecision;
+use crate::error::LabError;
+use crate::progress::{self, fmt_elapsed};
+
+/// The log files of one run, all in its run directory.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RunLogs {
+    pub dir: PathBuf,
+    /// L1's serial console (written by QEMU).
+    pub l1_console: PathBuf,
+    /// L2's serial console, relayed by L1.
+    pub l2_console: PathBuf,
+    /// QEMU's own messages (stderr) for L1.
+    pub qemu: PathBuf,
+    /// Every protocol message, one JSON object per line.
+    pub messages: PathBuf,
+}
+
+impl RunLogs {
+    pub fn new(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+            l1_console: dir.join("l1-console.log"),
+            l2_console: dir.join("l2-console.log"),
+            qemu: dir.join("qemu-l1.log"),
+            messages: dir.join("messages.jsonl"),
+        }
+    }
+
+    /// The paths, one per line, for error messages.
+    pub fn describe(&self) -> String {
+        [
+            ("L1 console", &self.l1_console),
+            ("L2 console", &self.l2_console),
+            ("QEMU (L1)", &self.qemu),
+            ("messages", &self.messages),
+        ]
+        .iter()
+        .map(|(what, p)| format!("  {what:<11} {}", p.display()))
+        .collect::<Vec<_>>()
+        .join("\n")
+    }
+}
+
+pub struct BootSpec<'a> {
+    pub qemu: PathBuf,
+    pub accel: &'a AccelDecision,
+    pub l1_vcpus: u32,
+    pub l1_memory_mib: u32,
+    pub kernel: &'a Path,
+    pub initrd: &'a Path,
+    pub timeout: Duration,
+    /// Extra QEMU arguments for L1 (e.g. `-icount`).
+    pub qemu_extra: Vec<String>,
+    /// Extra kernel command line for L1.
+    pub cmdline_extra: String,
+}
+
+/// What a boot produced: every message, in order, and when L1 and L2 came up.
+#[derive(Debug)]
+pub struct BootResult {
+    pub msgs: Vec<Msg>,
+    pub l1_up: Option<Duration>,
+    pub l2_up: Option<Duration>,
+    pub total: Duration,
+}
+
+enum Event {
+    Line(String),
+    Eof,
+}
+
+const PANIC_MARKER: &str = "Kernel panic - not syncing";
+/// How long QEMU gets to exit after L1 reported done.
+const EXIT_GRACE: Duration = Duration::from_secs(30);
+
+/// The first panic line in a console log, if any.
+pub fn find_panic(log: &Path) -> Option<String> {
+    let text = fs::read(log).ok()?;
+    String::from_utf8_lossy(&text)
+        .lines()
+        .find(|l| l.contains(PANIC_MARKER))
+        .map(|l| l.trim().to_string())
+}
+
+fn kill(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Boots L1 with `spec`, calling `on_msg` for every message as it arrives.
+pub fn boot(spec: &BootSpec, logs: &RunLogs, mut on_msg: impl FnMut(&Msg)) -> Result<BootResult> {
+    fs::create_dir_all(&logs.dir)?;
+    File::create(&logs.l2_console)?;
+    File::create(&logs.l1_console)?;
+    let vm = VmSpec {
+        qemu: spec.qemu.display().to_string(),
+        firmware_dir: None,
+        accel: spec.accel.accel,
+        cpu: spec.accel.cpu.clone(),
+        vcpus: spec.l1_vcpus,
+        memory_mib: spec.l1_memory_mib,
+        kernel: spec.kernel.display().to_string(),
+        initrd: spec.initrd.display().to_string(),
+        append: kernel_cmdline(&spec.cmdline_extra),
+        console: Chardev::File(logs.l1_console.display().to_string()),
+        proto: Chardev::Stdio,
+        extra: spec.qemu_extra.clone(),
+    };
+    let sh = Shell::new()?;
+    let qemu = &spec.qemu;
+    let args = vm.args();
+    let mut command: std::process::Command = cmd!(sh, "{qemu} {args...}").into();
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(File::create(&logs.qemu)?))
+        .spawn()
+        .with_context(|| format!("starting {}", qemu.display()))?;
+    let (tx, rx) = mpsc::channel();
+    let stdout = child.stdout.take().context("QEMU's stdout")?;
+    thread::spawn(move || {
+        let mut r = BufReader::new(stdout);
+        let mut buf = Vec::new();
+        while matches!(r.read_until(b'\n', &mut buf), Ok(n) if n > 0) {
+            if tx
+                .send(Event::Line(String::from_utf8_lossy(&buf).into_owned()))
+                .is_err()
+            {
+                return;
+            }
+            buf.clear();
+        }
+        let _ = tx.send(Event::Eof);
+    });
+
+    let start = Instant::now();
+    let deadline = start + spec.timeout;
+    let mut messages = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(&logs.messages)?;
+    let mut l2_console = OpenOptions::new().append(true).open(&logs.l2_console)?;
+    let mut result = BootResult {
+        msgs: Vec::new(),
+        l1_up: None,
+        l2_up: None,
+        total: Duration::ZERO,
+    };
+    let mut l1_done = false;
+    progress::note(
+        "boot",
+        format!(
+            "starting L1 ({}, {} vCPUs, {} MiB); console: {}",
+            match spec.accel.accel {
+                exitlab_proto::vm::Accel::Kvm => "KVM",
+                exitlab_proto::vm::Accel::Tcg => "TCG",
+            },
+            spec.l1_vcpus,
+            spec.l1_memory_mib,
+            logs.l1_console.display()
+        ),
+    );
+    loop {
+        let now = Instant::now();
+        let limit = if l1_done {
+            EXIT_GRACE
+        } else if now >= deadline {
+            Duration::ZERO
+        } else {
+            deadline - now
+        };
+        match rx.recv_timeout(limit) {
+            Ok(Event::Line(line)) => {
+                messages.write_all(line.as_bytes())?;
+                let msg = match Msg::from_line(&line) {
+                    Ok(m) => m,
+                    // Noise before L1's init takes the port over is logged, not fatal.
+                    Err(_) => continue,
+                };
+                match &msg {
+                    Msg::Console {
+                        level: Level::L2,
+                        line,
+                    } => {
+                        writeln!(l2_console, "{line}")?;
+                    }
+                    Msg::Hello { level, kernel, .. } => {
+                        let t = start.elapsed();
+                        match level {
+                            Level::L1 => result.l1_up = Some(t),
+                            Level::L2 => result.l2_up = Some(t),
+                        }
+                        progress::note(
+                            "boot",
+                            format!("{level} up after {}: Linux {kernel}", fmt_elapsed(t)),
+                        );
+                    }
+                    Msg::Done {
+                        level: Level::L1, ..
+                    } => l1_done = true,
+                    _ => {}
+                }
+                on_msg(&msg);
+                result.msgs.push(msg);
+            }
+            Ok(Event::Eof) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                kill(&mut child);
+                if l1_done {
+                    break;
+                }
+                let what = match (result.l1_up, result.l2_up) {
+                    (None, _) => "L1 never came up",
+                    (Some(_), None) => "L1 came up, but L2 never reported",
+                    _ => "the scenario did not finish",
+                };
+                return Err(LabError::Timeout {
+                    seconds: spec.timeout.as_secs(),
+                    what: what.into(),
+                    logs: logs.describe(),
+                }
+                .into());
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    // QEMU closed its stdout: it is exiting. Give it the grace period, then make sure.
+    let wait_start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait()? {
+            break Some(s);
+        }
+        if wait_start.elapsed() > EXIT_GRACE {
+            kill(&mut child);
+            break None;
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    result.total = start.elapsed();
+    l2_console.flush()?;
+    for (level, log) in [(Level::L1, &logs.l1_console), (Level::L2, &logs.l2_console)] {
+        if let Some(line) = find_panic(log) {
+            return Err(LabError::Panic {
+                level,
+                line,
+                logs: logs.describe(),
+            }
+            .into());
+        }
+    }
+    if !l1_done {
+        let how = match status {
+            Some(s) => format!("QEMU exited ({s})"),
+            None => "QEMU stopped talking and did not exit".into(),
+        };
+        let qemu_said = fs::read_to_string(&logs.qemu).unwrap_or_default();
+        let qemu_said = qemu_said.trim();
+        return Err(LabError::VmCrashed {
+            what: format!(
+                "{how} before L1 reported done{}",
+                if qemu_said.is_empty() {
+                    String::new()
+                } else {
+                    format!("; QEMU said: {qemu_said}")
+                }
+            ),
+            logs: logs.describe(),
+        }
+        .into());
+    }
+    Ok(result)
+}
+
+/// A new run directory under `build/runs`, named by UTC time, scenario and pid.
+pub fn new_run_dir(build_dir: &Path, scenario: &str) -> Result<PathBuf> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let dir = build_dir.join("runs").join(format!(
+        "{}-{scenario}-{}",
+        utc_stamp(now),
+        std::process::id()
+    ));
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// `YYYYmmddTHHMMSSZ` for seconds since the epoch.
+pub fn utc_stamp(secs: u64) -> String {
+    let days = (secs / 86400) as i64;
+    let rem = secs % 86400;
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}{m:02}{d:02}T{:02}{:02}{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stamps() {
+        assert_eq!(utc_stamp(0), "19700101T000000Z");
+        assert_eq!(utc_stamp(1_795_392_000), "20261123T000000Z");
+        assert_eq!(utc_stamp(951_782_400 + 3661), "20000229T010101Z");
+    }
+
+    #[test]
+    fn finds_panics() {
+        let dir = std::env::temp_dir().join(format!("panic-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("c.log");
+        fs::write(
+            &log,
+            "boot\n[    1.0] Kernel panic - not syncing: Attempted to kill init!\n",
+        )
+        .unwrap();
+        assert!(find_panic(&log).unwrap().contains("Attempted to kill init"));
+        fs::write(&log, "fine\n").unwrap();
+        assert_eq!(find_panic(&log), None);
+        fs::remove_dir_all(dir).unwrap();
+    }
+}

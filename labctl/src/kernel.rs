@@ -1,0 +1,727 @@
+//! Stage 2 of the pipeline, the kernel build: kernel source → patched tree → `.config` →
+//! bzImage and the KVM selftest.
+//!
+//! The user's source (tarball or tree) is never modified: it is unpacked or copied into
+//! `build/kernel/src`. The patch series is applied in a staging area first, so a patch
+//! that does not apply leaves the tree as it was; then only files whose content changes
+//! are written, so `make` recompiles only what the edit touched.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use xshell::{cmd, Shell};
+
+use crate::doctor::{self, Need};
+use crate::error::setup;
+use crate::progress::{self, Progress};
+
+/// Where the kernel stage keeps its state and outputs.
+pub struct KernelDirs {
+    pub root: PathBuf,
+}
+
+impl KernelDirs {
+    pub fn new(build_dir: &Path) -> Self {
+        Self {
+            root: build_dir.join("kernel"),
+        }
+    }
+    pub fn src(&self) -> PathBuf {
+        self.root.join("src")
+    }
+    pub fn obj(&self) -> PathBuf {
+        self.root.join("obj")
+    }
+    pub fn bzimage(&self) -> PathBuf {
+        self.obj().join("arch/x86/boot/bzImage")
+    }
+    pub fn selftest(&self) -> PathBuf {
+        self.root.join("selftests/x86_64/exit_stats_test")
+    }
+    pub fn info(&self) -> PathBuf {
+        self.root.join("build-info.yaml")
+    }
+    pub fn log(&self) -> PathBuf {
+        self.root.join("build.log")
+    }
+    fn orig(&self) -> PathBuf {
+        self.root.join("orig")
+    }
+    fn applied(&self) -> PathBuf {
+        self.root.join("applied")
+    }
+    fn source_id(&self) -> PathBuf {
+        self.root.join("source-id")
+    }
+}
+
+/// What was built, from what: written next to the artifacts and into every run's results.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct BuildInfo {
+    pub source: String,
+    pub version: String,
+    pub patches: Vec<PatchInfo>,
+    pub config_fragment_sha256: String,
+    pub bzimage_sha256: String,
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct PatchInfo {
+    pub name: String,
+    pub sha256: String,
+}
+
+pub struct KernelInputs<'a> {
+    /// Tarball or tree; None: the distribution's linux-source-6.12 tarball.
+    pub source: Option<&'a Path>,
+    pub patches_dir: &'a Path,
+    pub config_fragment: &'a Path,
+}
+
+pub fn sha256_hex(data: &[u8]) -> String {
+    let d = Sha256::digest(data);
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn sha256_file(p: &Path) -> Result<String> {
+    Ok(sha256_hex(
+        &fs::read(p).with_context(|| format!("reading {}", p.display()))?,
+    ))
+}
+
+/// The patch series: `*.patch` in name order.
+pub fn series(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut v: Vec<PathBuf> = fs::read_dir(dir)
+        .with_context(|| format!("listing {}", dir.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "patch"))
+        .collect();
+    v.sort();
+    if v.is_empty() {
+        return Err(setup(format!("no *.patch files in {}", dir.display())));
+    }
+    Ok(v)
+}
+
+/// Builds (incrementally) the patched kernel and the selftest. Returns what was built.
+pub fn build(dirs: &KernelDirs, inputs: &KernelInputs) -> Result<BuildInfo> {
+    doctor::require(&[
+        Need::Executable("make"),
+        Need::Executable("gcc"),
+        Need::Executable("flex"),
+        Need::Executable("bison"),
+        Need::Executable("bc"),
+        Need::Executable("perl"),
+        Need::File("/usr/include/libelf.h"),
+        Need::Executable("patch"),
+        Need::Executable("tar"),
+    ])?;
+    let source = match inputs.source {
+        Some(p) => p.to_path_buf(),
+        None => doctor::default_kernel_source().ok_or_else(|| {
+            setup(format!(
+                "no kernel source given and no {}/linux-source-6.12.tar.* found\n  install it with: apt-get install -y {}\n  or pass --kernel-src DIR|TARBALL with a Linux 6.12 tree",
+                doctor::DEFAULT_SOURCE_DIR,
+                doctor::SOURCE_PACKAGE
+            ))
+        })?,
+    };
+    fs::create_dir_all(&dirs.root)?;
+    prepare_source(dirs, &source)?;
+    let version = kernel_version(&dirs.src())?;
+    let patches = series(inputs.patches_dir)?;
+    sync_patches(dirs, &patches)?;
+    configure(dirs, inputs.config_fragment)?;
+    make_bzimage(dirs)?;
+    build_selftest(dirs)?;
+    let info = BuildInfo {
+        source: source.display().to_string(),
+        version,
+        patches: patches
+            .iter()
+            .map(|p| {
+                Ok(PatchInfo {
+                    name: file_name(p),
+                    sha256: sha256_file(p)?,
+                })
+            })
+            .collect::<Result<_>>()?,
+        config_fragment_sha256: sha256_file(inputs.config_fragment)?,
+        bzimage_sha256: sha256_file(&dirs.bzimage())?,
+    };
+    fs::write(dirs.info(), serde_yaml_ng::to_string(&info)?)?;
+    Ok(info)
+}
+
+fn file_name(p: &Path) -> String {
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// Identity of a source: a tarball by path, size and mtime; a tree by path.
+fn source_identity(source: &Path) -> Result<String> {
+    let m = fs::metadata(source).map_err(|e| {
+        setup(format!(
+            "kernel source {}: {e}; pass --kernel-src DIR|TARBALL",
+            source.display()
+        ))
+    })?;
+    let mtime = m
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs());
+    Ok(if m.is_dir() {
+        format!("tree {}", source.canonicalize()?.display())
+    } else {
+        format!(
+            "tarball {} {} {mtime}",
+            source.canonicalize()?.display(),
+            m.len()
+        )
+    })
+}
+
+/// Reads VERSION/PATCHLEVEL/SUBLEVEL/EXTRAVERSION and insists on 6.12.
+pub fn kernel_version(tree: &Path) -> Result<String> {
+    let mk = tree.join("Makefile");
+    let text = fs::read_to_string(&mk).map_err(|_| {
+        setup(format!(
+            "{} is not a Linux source tree (no top-level Makefile)",
+            tree.display()
+        ))
+    })?;
+    parse_version(&text).ok_or_else(|| {
+        setup(format!(
+            "{} is not a Linux source tree (no VERSION/PATCHLEVEL in its Makefile)",
+            tree.display()
+        ))
+    })
+    .and_then(|(v, p, s, e)| {
+        if (v.as_str(), p.as_str()) != ("6", "12") {
+            return Err(setup(format!(
+                "the kernel source is Linux {v}.{p}.{s}, but the patches are for 6.12: pass --kernel-src with a 6.12 tree or tarball"
+            )));
+        }
+        Ok(format!("{v}.{p}.{s}{e}"))
+    })
+}
+
+fn parse_version(makefile: &str) -> Option<(String, String, String, String)> {
+    let get = |key: &str| {
+        makefile.lines().find_map(|l| {
+            let (k, v) = l.split_once('=')?;
+            (k.trim() == key).then(|| v.trim().to_string())
+        })
+    };
+    Some((
+        get("VERSION")?,
+        get("PATCHLEVEL")?,
+        get("SUBLEVEL").unwrap_or_else(|| "0".into()),
+        get("EXTRAVERSION").unwrap_or_default(),
+    ))
+}
+
+fn prepare_source(dirs: &KernelDirs, source: &Path) -> Result<()> {
+    let id = source_identity(source)?;
+    let src = dirs.src();
+    if src.join("Makefile").is_file()
+        && fs::read_to_string(dirs.source_id()).ok().as_deref() == Some(id.as_str())
+    {
+        return Ok(());
+    }
+    let sh = Shell::new()?;
+    let fresh = dirs.root.join("src.new");
+    let _ = fs::remove_dir_all(&fresh);
+    fs::create_dir_all(&fresh)?;
+    let p = Progress::new("kernel");
+    if source.is_dir() {
+        kernel_version(source)?;
+        progress::note(
+            "kernel",
+            format!("copying {} (it is not modified)", source.display()),
+        );
+        let from = source.join(".");
+        cmd!(sh, "cp -a {from} {fresh}").quiet().run()?;
+        if fresh.join(".config").exists() {
+            // A tree configured or built in place cannot be used with O=; clean our copy.
+            cmd!(sh, "make -s -C {fresh} mrproper").quiet().run()?;
+        }
+    } else {
+        progress::note("kernel", format!("unpacking {}", source.display()));
+        cmd!(sh, "tar -xf {source} -C {fresh} --strip-components=1")
+            .quiet()
+            .run()
+            .map_err(|e| setup(format!("cannot unpack {}: {e}", source.display())))?;
+        kernel_version(&fresh)?;
+    }
+    for d in [src.clone(), dirs.orig(), dirs.applied(), dirs.obj()] {
+        let _ = fs::remove_dir_all(&d);
+    }
+    fs::rename(&fresh, &src)?;
+    fs::write(dirs.source_id(), &id)?;
+    p.done("source ready");
+    Ok(())
+}
+
+/// Files a patch touches, from its `--- a/…` and `+++ b/…` lines.
+pub fn touched_files(patch: &str) -> BTreeSet<String> {
+    let mut files = BTreeSet::new();
+    for l in patch.lines() {
+        let path = l
+            .strip_prefix("--- a/")
+            .or_else(|| l.strip_prefix("+++ b/"));
+        if let Some(p) = path {
+            let p = p.split('\t').next().unwrap_or(p).trim_end();
+            files.insert(p.to_string());
+        }
+    }
+    files
+}
+
+fn read_series(paths: &[PathBuf]) -> Result<Vec<(String, String)>> {
+    paths
+        .iter()
+        .map(|p| {
+            Ok((
+                file_name(p),
+                fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+            ))
+        })
+        .collect()
+}
+
+/// Makes the tree equal pristine + `patches`, touching only files whose content changes.
+fn sync_patches(dirs: &KernelDirs, patches: &[PathBuf]) -> Result<()> {
+    let new = read_series(patches)?;
+    let applied_dir = dirs.applied();
+    let mut old_paths: Vec<PathBuf> = fs::read_dir(&applied_dir)
+        .map(|r| r.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    old_paths.sort();
+    let old = read_series(&old_paths)?;
+    if old == new {
+        return Ok(());
+    }
+    let src = dirs.src();
+    let orig = dirs.orig();
+    let absent_list = orig.join(".absent");
+    let absent: BTreeSet<String> = fs::read_to_string(&absent_list)
+        .unwrap_or_default()
+        .lines()
+        .map(String::from)
+        .collect();
+    let mut files = BTreeSet::new();
+    for (_, text) in old.iter().chain(new.iter()) {
+        files.extend(touched_files(text));
+    }
+
+    // Stage the pristine versions of every file either series touches.
+    let staging = dirs.root.join("staging");
+    let _ = fs::remove_dir_all(&staging);
+    fs::create_dir_all(&staging)?;
+    for f in &files {
+        let pristine = if orig.join(f).is_file() {
+            Some(orig.join(f))
+        } else if absent.contains(f) {
+            None
+        } else if src.join(f).is_file() {
+            Some(src.join(f))
+        } else {
+            None
+        };
+        if let Some(p) = pristine {
+            let dst = staging.join(f);
+            fs::create_dir_all(dst.parent().expect("relative path has a parent"))?;
+            fs::copy(&p, &dst)?;
+        }
+    }
+    let sh = Shell::new()?;
+    for (p, (name, _)) in patches.iter().zip(&new) {
+        let rej = dirs.root.join("rejected.rej");
+        let _ = fs::remove_file(&rej);
+        let out = cmd!(
+            sh,
+            "patch -p1 --batch --forward --no-backup-if-mismatch -r {rej} -d {staging} -i {p}"
+        )
+        .quiet()
+        .ignore_status()
+        .output()?;
+        if !out.status.success() {
+            let rejected = fs::read_to_string(&rej).unwrap_or_default();
+            return Err(setup(format!(
+                "patch {name} does not apply to the kernel source (nothing was changed; the tree stays as it was):\n{}{}\n  rejected hunk(s):\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr),
+                rejected.lines().take(60).collect::<Vec<_>>().join("\n")
+            )));
+        }
+    }
+    // Record pristine copies of files touched for the first time, then write changes.
+    let mut absent = absent;
+    for f in &files {
+        if orig.join(f).is_file() || absent.contains(f) {
+            continue;
+        }
+        if src.join(f).is_file() {
+            let dst = orig.join(f);
+            fs::create_dir_all(dst.parent().expect("relative path has a parent"))?;
+            fs::copy(src.join(f), dst)?;
+        } else {
+            absent.insert(f.clone());
+        }
+    }
+    fs::create_dir_all(&orig)?;
+    fs::write(
+        &absent_list,
+        absent.iter().map(|s| format!("{s}\n")).collect::<String>(),
+    )?;
+    let mut changed = 0;
+    for f in &files {
+        let staged = fs::read(staging.join(f)).ok();
+        let current = fs::read(src.join(f)).ok();
+        if staged == current {
+            continue;
+        }
+        changed += 1;
+        match staged {
+            Some(data) => {
+                let dst = src.join(f);
+                fs::create_dir_all(dst.parent().expect("relative path has a parent"))?;
+                fs::write(dst, data)?;
+            }
+            None => fs::remove_file(src.join(f))?,
+        }
+    }
+    let _ = fs::remove_dir_all(&applied_dir);
+    fs::create_dir_all(&applied_dir)?;
+    for p in patches {
+        fs::copy(p, applied_dir.join(file_name(p)))?;
+    }
+    let _ = fs::remove_dir_all(&staging);
+    progress::note(
+        "kernel",
+        format!(
+            "applied {} patches ({changed} files changed)",
+            patches.len()
+        ),
+    );
+    Ok(())
+}
+
+/// One `CONFIG_X=value` (or `# CONFIG_X is not set`, value "n") per option.
+pub fn parse_config(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .filter_map(|l| {
+            let l = l.trim();
+            if let Some(rest) = l.strip_prefix("# ") {
+                let name = rest.strip_suffix(" is not set")?;
+                return name
+                    .starts_with("CONFIG_")
+                    .then(|| (name.to_string(), "n".into()));
+            }
+            let (k, v) = l.split_once('=')?;
+            k.starts_with("CONFIG_")
+                .then(|| (k.to_string(), v.to_string()))
+        })
+        .collect()
+}
+
+/// Lays the fragment over a .config (like `merge_config.sh -m`).
+pub fn merge_config(base: &str, fragment: &[(String, String)]) -> String {
+    let keys: BTreeSet<&str> = fragment.iter().map(|(k, _)| k.as_str()).collect();
+    let mut out: Vec<String> = base
+        .lines()
+        .filter(|l| {
+            parse_config(l)
+                .first()
+                .map_or(true, |(k, _)| !keys.contains(k.as_str()))
+        })
+        .map(String::from)
+        .collect();
+    for (k, v) in fragment {
+        out.push(if v == "n" {
+            format!("# {k} is not set")
+        } else {
+            format!("{k}={v}")
+        });
+    }
+    out.join("\n") + "\n"
+}
+
+/// Options of the fragment that the final .config does not have as asked.
+pub fn dropped_options(fragment: &[(String, String)], final_config: &str) -> Vec<String> {
+    let have: std::collections::BTreeMap<String, String> =
+        parse_config(final_config).into_iter().collect();
+    fragment
+        .iter()
+        .filter(|(k, v)| have.get(k).map_or("n", String::as_str) != v.as_str())
+        .map(|(k, v)| {
+            format!(
+                "{k}={v} (got {})",
+                have.get(k).map_or("not set", String::as_str)
+            )
+        })
+        .collect()
+}
+
+fn configure(dirs: &KernelDirs, fragment_path: &Path) -> Result<()> {
+    let fragment_text = fs::read_to_string(fragment_path)
+        .with_context(|| format!("reading {}", fragment_path.display()))?;
+    let fragment = parse_config(&fragment_text);
+    let stamp = dirs.obj().join(".lab-config-sha256");
+    let want = sha256_hex(fragment_text.as_bytes());
+    let config = dirs.obj().join(".config");
+    if config.is_file() && fs::read_to_string(&stamp).ok().as_deref() == Some(want.as_str()) {
+        return Ok(());
+    }
+    fs::create_dir_all(dirs.obj())?;
+    let sh = Shell::new()?;
+    let (src, obj) = (dirs.src(), dirs.obj());
+    cmd!(sh, "make -s -C {src} O={obj} tinyconfig")
+        .quiet()
+        .run()?;
+    let merged = merge_config(&fs::read_to_string(&config)?, &fragment);
+    fs::write(&config, merged)?;
+    cmd!(sh, "make -s -C {src} O={obj} olddefconfig")
+        .quiet()
+        .run()?;
+    let dropped = dropped_options(&fragment, &fs::read_to_string(&config)?);
+    if !dropped.is_empty() {
+        return Err(setup(format!(
+            "{} asks for options that did not survive `make olddefconfig` (a dependency is missing, or the option does not exist in this kernel):\n  {}",
+            fragment_path.display(),
+            dropped.join("\n  ")
+        )));
+    }
+    fs::write(stamp, want)?;
+    progress::note("kernel", "configured: tinyconfig + kernel/lab.config");
+    Ok(())
+}
+
+/// Runs make, showing progress and keeping the whole output in build.log.
+fn run_make(dirs: &KernelDirs, label: &'static str, args: &[String]) -> Result<()> {
+    let log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dirs.log())?;
+    let sh = Shell::new()?;
+    let mut command: std::process::Command = cmd!(sh, "make {args...}").into();
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(log.try_clone()?))
+        .spawn()
+        .context("starting make")?;
+    let mut p = Progress::new(label);
+    let mut log_w = std::io::BufWriter::new(log);
+    if let Some(out) = child.stdout.take() {
+        for line in BufReader::new(out).lines() {
+            let line = line?;
+            use std::io::Write;
+            writeln!(log_w, "{line}")?;
+            p.step(&line);
+        }
+    }
+    let status = child.wait()?;
+    drop(log_w);
+    if !status.success() {
+        let text = fs::read_to_string(dirs.log()).unwrap_or_default();
+        let tail: Vec<&str> = text.lines().rev().take(40).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        return Err(setup(format!(
+            "kernel build failed ({status}); last lines of {}:\n{}",
+            dirs.log().display(),
+            tail.join("\n")
+        )));
+    }
+    p.done("done");
+    Ok(())
+}
+
+fn make_bzimage(dirs: &KernelDirs) -> Result<()> {
+    let jobs = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let _ = fs::remove_file(dirs.log());
+    run_make(
+        dirs,
+        "kernel",
+        &[
+            "-C".into(),
+            dirs.src().display().to_string(),
+            format!("O={}", dirs.obj().display()),
+            format!("-j{jobs}"),
+            "bzImage".into(),
+        ],
+    )
+}
+
+fn build_selftest(dirs: &KernelDirs) -> Result<()> {
+    let hdr = dirs.obj().join("usr");
+    run_make(
+        dirs,
+        "headers",
+        &[
+            "-s".into(),
+            "-C".into(),
+            dirs.src().display().to_string(),
+            format!("O={}", dirs.obj().display()),
+            format!("INSTALL_HDR_PATH={}", hdr.display()),
+            "headers_install".into(),
+        ],
+    )?;
+    let out = dirs.root.join("selftests");
+    fs::create_dir_all(&out)?;
+    let jobs = std::thread::available_parallelism().map_or(2, |n| n.get());
+    run_make(
+        dirs,
+        "selftest",
+        &[
+            "-C".into(),
+            dirs.src()
+                .join("tools/testing/selftests/kvm")
+                .display()
+                .to_string(),
+            format!("-j{jobs}"),
+            format!("OUTPUT={}", out.display()),
+            format!("LINUX_HDR_PATH={}/include/", hdr.display()),
+            dirs.selftest().display().to_string(),
+        ],
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_must_be_6_12() {
+        let mk = "VERSION = 6\nPATCHLEVEL = 12\nSUBLEVEL = 117\nEXTRAVERSION =\nNAME = Baby Opossum Posse\n";
+        assert_eq!(
+            parse_version(mk),
+            Some(("6".into(), "12".into(), "117".into(), "".into()))
+        );
+        let dir = std::env::temp_dir().join(format!("kv-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("Makefile"), mk).unwrap();
+        assert_eq!(kernel_version(&dir).unwrap(), "6.12.117");
+        fs::write(dir.join("Makefile"), mk.replace("12", "6")).unwrap();
+        let e = kernel_version(&dir).unwrap_err().to_string();
+        assert!(e.contains("for 6.12"), "{e}");
+        fs::remove_file(dir.join("Makefile")).unwrap();
+        let e = kernel_version(&dir).unwrap_err().to_string();
+        assert!(e.contains("not a Linux source tree"), "{e}");
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn config_merge_and_dropped_options() {
+        let base = "CONFIG_A=y\n# CONFIG_B is not set\nCONFIG_C=m\n# comment\n";
+        let frag = parse_config("CONFIG_B=y\nCONFIG_C=n\n# CONFIG_D is not set\nCONFIG_E=64\n");
+        let merged = merge_config(base, &frag);
+        assert!(merged.contains("CONFIG_A=y\n"));
+        assert!(merged.contains("CONFIG_B=y\n"));
+        assert!(merged.contains("# CONFIG_C is not set\n"));
+        assert!(merged.contains("CONFIG_E=64\n"));
+        assert!(merged.contains("# comment\n"));
+        assert!(!merged.contains("CONFIG_C=m"));
+        assert!(dropped_options(&frag, &merged).is_empty());
+        let after = "CONFIG_A=y\nCONFIG_B=y\n# CONFIG_C is not set\nCONFIG_E=32\n";
+        assert_eq!(
+            dropped_options(&frag, after),
+            vec!["CONFIG_E=64 (got 32)".to_string()]
+        );
+        let after = "CONFIG_A=y\n# CONFIG_C is not set\nCONFIG_E=64\n";
+        assert_eq!(
+            dropped_options(&frag, after),
+            vec!["CONFIG_B=y (got not set)".to_string()]
+        );
+    }
+
+    #[test]
+    fn touched_files_of_a_git_patch() {
+        let p = "diff --git a/arch/x86/kvm/x86.c b/arch/x86/kvm/x86.c\n--- a/arch/x86/kvm/x86.c\n+++ b/arch/x86/kvm/x86.c\n@@ -1 +1 @@\n--- /dev/null\n+++ b/tools/new.c\n";
+        let f: Vec<_> = touched_files(p).into_iter().collect();
+        assert_eq!(f, ["arch/x86/kvm/x86.c", "tools/new.c"]);
+    }
+
+    fn diff(path: &str, old: &str, new: &str) -> String {
+        format!("--- a/{path}\n+++ b/{path}\n@@ -1 +1 @@\n-{old}\n+{new}\n")
+    }
+
+    #[test]
+    fn patches_sync_minimally_and_a_bad_patch_changes_nothing() {
+        if doctor::which("patch").is_none() {
+            panic!("this test needs GNU patch: apt-get install -y patch");
+        }
+        let root = std::env::temp_dir().join(format!("sync-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        let dirs = KernelDirs {
+            root: root.join("kernel"),
+        };
+        let src = dirs.src();
+        fs::create_dir_all(src.join("arch")).unwrap();
+        fs::write(src.join("arch/a.c"), "alpha\n").unwrap();
+        fs::write(src.join("b.c"), "beta\n").unwrap();
+        let pdir = root.join("patches");
+        fs::create_dir_all(&pdir).unwrap();
+        let p1 = pdir.join("0001-a.patch");
+        let p2 = pdir.join("0002-b.patch");
+        fs::write(&p1, diff("arch/a.c", "alpha", "ALPHA")).unwrap();
+        fs::write(&p2, diff("b.c", "beta", "BETA")).unwrap();
+        sync_patches(&dirs, &series(&pdir).unwrap()).unwrap();
+        assert_eq!(fs::read_to_string(src.join("arch/a.c")).unwrap(), "ALPHA\n");
+        assert_eq!(fs::read_to_string(src.join("b.c")).unwrap(), "BETA\n");
+
+        // Editing one patch rewrites only the file it touches.
+        let before = fs::metadata(src.join("b.c")).unwrap().modified().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        fs::write(&p1, diff("arch/a.c", "alpha", "Alpha")).unwrap();
+        sync_patches(&dirs, &series(&pdir).unwrap()).unwrap();
+        assert_eq!(fs::read_to_string(src.join("arch/a.c")).unwrap(), "Alpha\n");
+        assert_eq!(
+            fs::metadata(src.join("b.c")).unwrap().modified().unwrap(),
+            before
+        );
+
+        // Dropping a patch restores the pristine file.
+        fs::remove_file(&p2).unwrap();
+        sync_patches(&dirs, &series(&pdir).unwrap()).unwrap();
+        assert_eq!(fs::read_to_string(src.join("b.c")).unwrap(), "beta\n");
+
+        // A patch that does not apply names itself and its hunk, and changes nothing.
+        fs::write(pdir.join("0002-bad.patch"), diff("b.c", "gamma", "GAMMA")).unwrap();
+        fs::write(&p1, diff("arch/a.c", "alpha", "NEW")).unwrap();
+        let e = sync_patches(&dirs, &series(&pdir).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("0002-bad.patch"), "{e}");
+        assert!(e.contains("-gamma"), "{e}");
+        assert_eq!(fs::read_to_string(src.join("arch/a.c")).unwrap(), "Alpha\n");
+        assert_eq!(fs::read_to_string(src.join("b.c")).unwrap(), "beta\n");
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn the_shipped_fragment_parses() {
+        let frag = include_str!("../../kernel/lab.config");
+        let opts = parse_config(frag);
+        for must in [
+            "CONFIG_KVM",
+            "CONFIG_KVM_AMD",
+            "CONFIG_KVM_INTEL",
+            "CONFIG_DEBUG_FS",
+        ] {
+            assert!(
+                opts.iter().any(|(k, v)| k == must && v == "y"),
+                "{must} missing"
+            );
+        }
+    }
+}

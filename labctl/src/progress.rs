@@ -1,0 +1,80 @@
+//! Progress of long work (kernel builds, boots) on stderr: a live line on a terminal,
+//! a line every few seconds otherwise (CI logs).
+
+use std::io::{IsTerminal, Write};
+use std::time::{Duration, Instant};
+
+pub struct Progress {
+    label: &'static str,
+    start: Instant,
+    last: Instant,
+    tty: bool,
+    steps: u64,
+}
+
+impl Progress {
+    pub fn new(label: &'static str) -> Self {
+        let now = Instant::now();
+        Self {
+            label,
+            start: now,
+            last: now - Duration::from_secs(60),
+            tty: std::io::stderr().is_terminal(),
+            steps: 0,
+        }
+    }
+
+    /// One unit of work done, described by `what` (e.g. a make output line).
+    pub fn step(&mut self, what: &str) {
+        self.steps += 1;
+        let every = if self.tty {
+            Duration::from_millis(200)
+        } else {
+            Duration::from_secs(15)
+        };
+        if self.last.elapsed() < every {
+            return;
+        }
+        self.last = Instant::now();
+        let line = format!(
+            "[{}] {:>5}  {:>6} steps  {}",
+            self.label,
+            fmt_elapsed(self.start.elapsed()),
+            self.steps,
+            what.trim()
+        );
+        if self.tty {
+            let mut w: String = line.chars().take(110).collect();
+            w.push_str("\x1b[K");
+            eprint!("\r{w}");
+            let _ = std::io::stderr().flush();
+        } else {
+            eprintln!("{line}");
+        }
+    }
+
+    pub fn done(&self, what: &str) {
+        if self.tty {
+            eprint!("\r\x1b[K");
+        }
+        eprintln!(
+            "[{}] {what} ({})",
+            self.label,
+            fmt_elapsed(self.start.elapsed())
+        );
+    }
+}
+
+pub fn fmt_elapsed(d: Duration) -> String {
+    let s = d.as_secs();
+    if s >= 60 {
+        format!("{}m{:02}s", s / 60, s % 60)
+    } else {
+        format!("{:.1}s", d.as_secs_f64())
+    }
+}
+
+/// A short status line on stderr.
+pub fn note(label: &str, what: impl std::fmt::Display) {
+    eprintln!("[{label}] {what}");
+}

@@ -1,0 +1,563 @@
+//! Stage 5 of the pipeline, the scenarios: what runs in the lab, and how its messages are
+//! read back. Each scenario builds a job, boots the lab with it, then verifies and reports.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+use exitlab_proto::job::{Job, Level, Step, VmJob};
+use exitlab_proto::leaf::ExitStats;
+use exitlab_proto::msg::{Msg, Status, Stream, VmStats};
+use exitlab_proto::vm::l1;
+
+use crate::accel::{self, AccelDecision, HostFacts};
+use crate::boot::{self, BootResult, BootSpec, RunLogs};
+use crate::config::LabConfig;
+use crate::doctor::{self, Need};
+use crate::error::code;
+use crate::images::{self, Artifacts, UserFile};
+use crate::kernel::{self, BuildInfo, KernelDirs, KernelInputs};
+use crate::report::{AccelReport, Results, StatsReport, Timings, VmReport};
+use crate::verify::{self, Check};
+
+/// Everything a scenario needs before it boots.
+pub struct Lab {
+    pub cfg: LabConfig,
+    pub repo: PathBuf,
+    pub artifacts: Artifacts,
+    /// Extra kernel command line for L1, e.g. `kvm.exit_accounting=0`.
+    pub l1_cmdline: String,
+}
+
+pub struct Prepared {
+    pub kernel: PathBuf,
+    pub image: PathBuf,
+    pub build: Option<BuildInfo>,
+    pub accel: AccelDecision,
+    pub qemu: PathBuf,
+}
+
+impl Lab {
+    fn kernel_inputs(&self) -> (PathBuf, PathBuf) {
+        (
+            self.repo.join("kernel/patches"),
+            self.repo.join("kernel/lab.config"),
+        )
+    }
+
+    /// `labctl build`: the kernel, the selftest, the guest programs and the L1 image.
+    pub fn build(&self) -> Result<Prepared> {
+        let accel = accel::decide(self.cfg.accel, &HostFacts::probe())?;
+        doctor::require(&[Need::Executable("qemu-system-x86_64")])?;
+        let qemu = doctor::which("qemu-system-x86_64").expect("required above");
+        let (kernel, selftest, build) = match (&self.artifacts.kernel, &self.artifacts.selftest) {
+            (Some(k), Some(s)) => (k.clone(), s.clone(), None),
+            _ => {
+                let (patches, fragment) = self.kernel_inputs();
+                let dirs = KernelDirs::new(&self.cfg.build_dir);
+                let info = kernel::build(
+                    &dirs,
+                    &KernelInputs {
+                        source: self.cfg.kernel_src.as_deref(),
+                        patches_dir: &patches,
+                        config_fragment: &fragment,
+                    },
+                )?;
+                (
+                    self.artifacts.kernel.clone().unwrap_or(dirs.bzimage()),
+                    self.artifacts.selftest.clone().unwrap_or(dirs.selftest()),
+                    Some(info),
+                )
+            }
+        };
+        let image = match &self.artifacts.l1_image {
+            Some(i) => i.clone(),
+            None => {
+                let guest = match &self.artifacts.guest_dir {
+                    Some(d) => d.clone(),
+                    None => images::build_guest(&self.repo, &self.cfg.build_dir)?,
+                };
+                images::l1_base_image(&self.cfg.build_dir, &kernel, &guest, &selftest)?
+            }
+        };
+        Ok(Prepared {
+            kernel,
+            image,
+            build,
+            accel,
+            qemu,
+        })
+    }
+
+    /// Boots the lab with `job` and `files`; `on_msg` sees every message as it arrives.
+    pub fn run(
+        &self,
+        p: &Prepared,
+        scenario: &str,
+        job: &Job,
+        files: &[UserFile],
+        on_msg: impl FnMut(&Msg),
+    ) -> Result<Run> {
+        let dir = boot::new_run_dir(&self.cfg.build_dir, scenario)?;
+        let logs = RunLogs::new(&dir);
+        let initrd = dir.join("initrd.cpio");
+        images::run_initrd(&p.image, job, files, &initrd)?;
+        let spec = BootSpec {
+            qemu: p.qemu.clone(),
+            accel: &p.accel,
+            l1_vcpus: self.cfg.l1_vcpus,
+            l1_memory_mib: self.cfg.l1_memory_mib,
+            kernel: &p.kernel,
+            initrd: &initrd,
+            timeout: self.cfg.timeout,
+            qemu_extra: vec![],
+            cmdline_extra: self.l1_cmdline.clone(),
+        };
+        let result = boot::boot(&spec, &logs, on_msg);
+        // The run's initrd is a copy of the cached image plus the job: not worth keeping.
+        let _ = std::fs::remove_file(&initrd);
+        Ok(Run {
+            boot: result?,
+            logs,
+            dir,
+        })
+    }
+
+    /// The results skeleton shared by all scenarios.
+    pub fn results(&self, p: &Prepared, scenario: &str, run: &Run, checks: Vec<Check>) -> Results {
+        let ok = verify::all_ok(&checks);
+        Results {
+            schema: crate::report::SCHEMA,
+            scenario: scenario.into(),
+            ok,
+            exit_code: if ok { 0 } else { code::SCENARIO_FAILED.into() },
+            kernel: p.build.clone(),
+            accel: AccelReport {
+                kind: match p.accel.accel {
+                    exitlab_proto::vm::Accel::Kvm => "kvm".into(),
+                    exitlab_proto::vm::Accel::Tcg => "tcg".into(),
+                },
+                cpu: p.accel.cpu.clone(),
+                reason: p.accel.reason.clone(),
+            },
+            l1: VmReport {
+                vcpus: self.cfg.l1_vcpus,
+                memory_mib: self.cfg.l1_memory_mib,
+                kernel: run.kernel(Level::L1),
+            },
+            l2: None,
+            readings: vec![],
+            kvm_stats: run
+                .stats()
+                .iter()
+                .map(|(k, v)| (k.clone(), StatsReport::from(v)))
+                .collect(),
+            checks,
+            timings: Timings {
+                l1_up_s: run.boot.l1_up.map(|d| d.as_secs_f64()),
+                l2_up_s: run.boot.l2_up.map(|d| d.as_secs_f64()),
+                total_s: run.boot.total.as_secs_f64(),
+            },
+            logs: run.logs.clone(),
+        }
+    }
+}
+
+/// One finished boot.
+pub struct Run {
+    pub boot: BootResult,
+    pub logs: RunLogs,
+    pub dir: PathBuf,
+}
+
+/// A program a step ran, with its collected output.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProgramRun {
+    pub argv: Vec<String>,
+    pub stdout: String,
+    pub stderr: String,
+    pub status: Option<Status>,
+}
+
+impl Run {
+    /// Programs run at `level`, in order, with their output.
+    pub fn programs(&self, level: Level) -> Vec<ProgramRun> {
+        collect_programs(&self.boot.msgs, level)
+    }
+
+    /// KVM statistics of the L2 VM by checkpoint tag.
+    pub fn stats(&self) -> BTreeMap<String, VmStats> {
+        self.boot
+            .msgs
+            .iter()
+            .filter_map(|m| match m {
+                Msg::KvmStats { tag, vm } => Some((tag.clone(), vm.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    pub fn kernel(&self, level: Level) -> Option<String> {
+        self.boot.msgs.iter().find_map(|m| match m {
+            Msg::Hello {
+                level: l, kernel, ..
+            } if *l == level => Some(kernel.clone()),
+            _ => None,
+        })
+    }
+
+    /// Steps that failed (`Failed` messages), as "L2: why".
+    pub fn failures(&self) -> Vec<String> {
+        self.boot
+            .msgs
+            .iter()
+            .filter_map(|m| match m {
+                Msg::Failed { level, error } => Some(format!("{level}: {error}")),
+                _ => None,
+            })
+            .collect()
+    }
+
+    pub fn done_ok(&self, level: Level) -> bool {
+        self.boot
+            .msgs
+            .iter()
+            .any(|m| matches!(m, Msg::Done { level: l, ok: true } if *l == level))
+    }
+}
+
+pub fn collect_programs(msgs: &[Msg], level: Level) -> Vec<ProgramRun> {
+    let mut runs = Vec::new();
+    let mut cur = ProgramRun::default();
+    for m in msgs {
+        match m {
+            Msg::Output {
+                level: l,
+                stream,
+                text,
+            } if *l == level => match stream {
+                Stream::Stdout => cur.stdout.push_str(text),
+                Stream::Stderr => cur.stderr.push_str(text),
+            },
+            Msg::Exited {
+                level: l,
+                argv,
+                status,
+            } if *l == level => {
+                cur.argv = argv.clone();
+                cur.status = Some(*status);
+                runs.push(std::mem::take(&mut cur));
+            }
+            _ => {}
+        }
+    }
+    runs
+}
+
+/// Prints L2 program output live (for `exec` and the selftest).
+pub fn stream_output(level: Level) -> impl FnMut(&Msg) {
+    move |m| {
+        if let Msg::Output {
+            level: l,
+            stream,
+            text,
+        } = m
+        {
+            if *l == level {
+                let _ = match stream {
+                    Stream::Stdout => {
+                        let mut o = std::io::stdout();
+                        o.write_all(text.as_bytes()).and_then(|_| o.flush())
+                    }
+                    Stream::Stderr => std::io::stderr().write_all(text.as_bytes()),
+                };
+            }
+        }
+    }
+}
+
+fn l2_vm(cfg: &LabConfig, files: Vec<String>, steps: Vec<Step>) -> Job {
+    Job {
+        level: Level::L1,
+        steps: vec![Step::Vm(VmJob {
+            vcpus: cfg.l2_vcpus,
+            memory_mib: cfg.l2_memory_mib,
+            files,
+            job: Job {
+                level: Level::L2,
+                steps,
+            },
+        })],
+    }
+}
+
+fn guest_program(name: &str) -> Vec<String> {
+    vec![format!("{}/{name}", l1::GUEST_BIN_DIR)]
+}
+
+fn write_results(results: &Results, run: &Run) -> Result<PathBuf> {
+    let path = run.dir.join("results.yaml");
+    results.write(&path)?;
+    Ok(path)
+}
+
+/// `labctl lab`: `test_assignment2` twice in L2, checked against KVM's statistics.
+pub fn lab(lab: &Lab) -> Result<i32> {
+    let p = lab.build()?;
+    let job = l2_vm(
+        &lab.cfg,
+        vec![],
+        vec![
+            Step::Run {
+                argv: guest_program("test_assignment2"),
+            },
+            Step::Checkpoint {
+                tag: "after-1".into(),
+            },
+            Step::Run {
+                argv: guest_program("test_assignment2"),
+            },
+            Step::Checkpoint {
+                tag: "after-2".into(),
+            },
+        ],
+    );
+    let run = lab.run(&p, "lab", &job, &[], stream_output(Level::L2))?;
+    let programs = run.programs(Level::L2);
+    let lines: Vec<String> = programs
+        .iter()
+        .map(|p| p.stdout.trim_end_matches('\n').to_string())
+        .collect();
+    let readings: Vec<ExitStats> = lines.iter().filter_map(|l| l.parse().ok()).collect();
+    let stats = run.stats();
+    let mut checks = vec![Check::new(
+        "ran",
+        run.done_ok(Level::L2) && run.done_ok(Level::L1),
+        match run.failures().as_slice() {
+            [] => "L1 and L2 ran every step".to_string(),
+            f => f.join("; "),
+        },
+    )];
+    checks.extend(verify::lab_checks(
+        &lines,
+        &readings,
+        stats.get("after-1"),
+        stats.get("after-2"),
+    ));
+    let mut results = lab.results(&p, "lab", &run, checks);
+    results.readings = readings;
+    results.l2 = Some(VmReport {
+        vcpus: lab.cfg.l2_vcpus,
+        memory_mib: lab.cfg.l2_memory_mib,
+        kernel: run.kernel(Level::L2),
+    });
+    let path = write_results(&results, &run)?;
+    results.print_summary(&path);
+    Ok(results.exit_code)
+}
+
+/// Exit status of `labctl exec` when the command could not be started in the guest.
+pub const EXEC_CANNOT_START: i32 = 127;
+
+/// `labctl exec`: a command in L2, with host files copied in; its status becomes ours.
+pub fn exec(lab: &Lab, files: &[PathBuf], argv: &[String]) -> Result<i32> {
+    let files: Vec<UserFile> = files
+        .iter()
+        .map(|f| UserFile::from_path(f))
+        .collect::<Result<_>>()?;
+    let p = lab.build()?;
+    let job = l2_vm(
+        &lab.cfg,
+        files.iter().map(|f| f.name.clone()).collect(),
+        vec![Step::Run {
+            argv: argv.to_vec(),
+        }],
+    );
+    let run = lab.run(&p, "exec", &job, &files, stream_output(Level::L2))?;
+    let status = run.programs(Level::L2).last().and_then(|r| r.status);
+    let code = match status {
+        Some(s) => s.shell_code(),
+        None => EXEC_CANNOT_START,
+    };
+    let detail = match status {
+        Some(s) => format!("{argv:?} in L2: {s}"),
+        None => format!(
+            "{argv:?} could not run in L2: {}",
+            run.failures().join("; ")
+        ),
+    };
+    let mut results = lab.results(
+        &p,
+        "exec",
+        &run,
+        vec![Check::new("exit-status", code == 0, &detail)],
+    );
+    results.exit_code = code;
+    results.l2 = Some(VmReport {
+        vcpus: lab.cfg.l2_vcpus,
+        memory_mib: lab.cfg.l2_memory_mib,
+        kernel: run.kernel(Level::L2),
+    });
+    let path = write_results(&results, &run)?;
+    eprintln!("[exec] {detail}; results: {}", path.display());
+    if code != 0 {
+        eprintln!("[exec] logs:\n{}", run.logs.describe());
+    }
+    Ok(code)
+}
+
+/// TAP result of a kselftest run.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Tap {
+    pub plan: Option<usize>,
+    pub passed: Vec<String>,
+    pub failed: Vec<String>,
+    pub skipped: Vec<String>,
+}
+
+pub fn parse_tap(out: &str) -> Tap {
+    let mut t = Tap::default();
+    for l in out.lines() {
+        let l = l.trim();
+        if let Some(n) = l.strip_prefix("1..") {
+            t.plan = n.trim().parse().ok();
+        } else if let Some(rest) = l.strip_prefix("not ok ") {
+            t.failed.push(rest.to_string());
+        } else if let Some(rest) = l.strip_prefix("ok ") {
+            if rest.contains("# SKIP") {
+                t.skipped.push(rest.to_string());
+            } else {
+                t.passed.push(rest.to_string());
+            }
+        }
+    }
+    t
+}
+
+pub fn selftest_checks(tap: &Tap, status: Option<Status>) -> Vec<Check> {
+    let planned = tap.plan.unwrap_or(0);
+    vec![
+        Check::new(
+            "exit-status",
+            status == Some(Status::Code(0)),
+            format!(
+                "exit_stats_test: {}",
+                status.map_or("did not run".into(), |s| s.to_string())
+            ),
+        ),
+        Check::new(
+            "all-cases-passed",
+            planned > 0
+                && tap.passed.len() == planned
+                && tap.failed.is_empty()
+                && tap.skipped.is_empty(),
+            format!(
+                "{} of {planned} planned cases passed; failed: {:?}; skipped: {:?}",
+                tap.passed.len(),
+                tap.failed,
+                tap.skipped
+            ),
+        ),
+    ]
+}
+
+/// `labctl selftest`: the series' KVM selftest, run inside L1 on the patched KVM.
+pub fn selftest(lab: &Lab) -> Result<i32> {
+    let p = lab.build()?;
+    let job = Job {
+        level: Level::L1,
+        steps: vec![
+            // Lets the selftest reach the leaf through KVM's instruction emulator too.
+            Step::Write {
+                path: "/sys/module/kvm/parameters/force_emulation_prefix".into(),
+                value: "1".into(),
+            },
+            Step::Run {
+                argv: vec![l1::SELFTEST.into()],
+            },
+        ],
+    };
+    let run = lab.run(&p, "selftest", &job, &[], stream_output(Level::L1))?;
+    let prog = run.programs(Level::L1).pop();
+    let tap = parse_tap(prog.as_ref().map_or("", |p| p.stdout.as_str()));
+    let checks = selftest_checks(&tap, prog.and_then(|p| p.status));
+    let results = lab.results(&p, "selftest", &run, checks);
+    let path = write_results(&results, &run)?;
+    results.print_summary(&path);
+    Ok(results.exit_code)
+}
+
+/// Where the repository is: `--repo`, else the one labctl was built from.
+pub fn default_repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn programs_are_split_by_exit() {
+        let out = |t: &str| Msg::Output {
+            level: Level::L2,
+            stream: Stream::Stdout,
+            text: t.into(),
+        };
+        let exited = |c| Msg::Exited {
+            level: Level::L2,
+            argv: vec!["p".into()],
+            status: Status::Code(c),
+        };
+        let msgs = vec![
+            out("CPUID(0x4FFFFFFF), "),
+            Msg::Console {
+                level: Level::L2,
+                line: "noise".into(),
+            },
+            out("exits=1, cycles spent in exit=2\n"),
+            exited(0),
+            Msg::Output {
+                level: Level::L1,
+                stream: Stream::Stdout,
+                text: "l1".into(),
+            },
+            out("x"),
+            exited(3),
+        ];
+        let p = collect_programs(&msgs, Level::L2);
+        assert_eq!(p.len(), 2);
+        assert_eq!(
+            p[0].stdout.trim_end().parse::<ExitStats>().unwrap(),
+            ExitStats {
+                exits: 1,
+                cycles: 2
+            }
+        );
+        assert_eq!(p[1].stdout, "x");
+        assert_eq!(p[1].status, Some(Status::Code(3)));
+    }
+
+    #[test]
+    fn tap_results() {
+        let out = "TAP version 13\n1..3\nok 1 1 vCPU(s): 500 exits\nnot ok 2 boom\nok 3 # SKIP no fep\n# Totals: pass:1 fail:1\n";
+        let t = parse_tap(out);
+        assert_eq!(t.plan, Some(3));
+        assert_eq!((t.passed.len(), t.failed.len(), t.skipped.len()), (1, 1, 1));
+        let c = selftest_checks(&t, Some(Status::Code(1)));
+        assert!(c.iter().all(|c| !c.ok));
+        let good = parse_tap("1..2\nok 1 a\nok 2 b\n");
+        assert!(verify::all_ok(&selftest_checks(
+            &good,
+            Some(Status::Code(0))
+        )));
+        // A run that printed nothing is not a pass.
+        assert!(!verify::all_ok(&selftest_checks(
+            &parse_tap(""),
+            Some(Status::Code(0))
+        )));
+    }
+}
