@@ -27,6 +27,7 @@ use crate::kvmstats::VmStatsReader;
 use crate::port::{self, Sender};
 
 const L2_SOCKET: &str = "/run/l2-proto.sock";
+const L2_QMP: &str = "/run/l2-qmp.sock";
 const L2_INITRD: &str = "/tmp/l2-initrd.cpio";
 /// How long L2's QEMU gets to connect to the protocol socket.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -252,7 +253,7 @@ fn run_vm(vm: &VmJob, tx: &Sender) -> Result<bool> {
         append: vm::kernel_cmdline("EXITLAB_LEVEL=l2"),
         console: Chardev::Stdio,
         proto: Chardev::Socket(L2_SOCKET.into()),
-        extra: vec![],
+        extra: vec!["-qmp".into(), format!("unix:{L2_QMP},server=on,wait=off")],
     };
     let mut child = Command::new(&spec.qemu)
         .args(spec.args())
@@ -334,7 +335,7 @@ fn relay_console(
 /// Relays L2's messages upwards until L2 is done, answering its checkpoints.
 fn relay_l2(stream: UnixStream, pid: i32, tx: &Sender) -> Result<bool> {
     let mut to_l2 = stream.try_clone()?;
-    let mut stats = VmStatsReader::new(pid);
+    let mut stats = VmStatsReader::new(pid, Path::new(L2_QMP));
     let mut r = BufReader::new(stream);
     let mut line = String::new();
     loop {

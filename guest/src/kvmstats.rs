@@ -1,197 +1,197 @@
-//! KVM's own per-vCPU statistics of a VM run by another process (QEMU), read in L1.
+//! KVM's own statistics of a VM run by QEMU, read in L1.
 //!
-//! The vCPU file descriptors are found as `anon_inode:kvm-vcpu:<id>` links in
-//! `/proc/<qemu>/fd`, duplicated into this process with `pidfd_getfd(2)`, and each gives a
-//! binary statistics fd (`KVM_GET_STATS_FD`) whose descriptors name every statistic,
-//! including `exits` and the patch's `exit_cycles`.
+//! - VM-wide sums come from debugfs, `/sys/kernel/debug/kvm/<qemu pid>-<vm fd>/<stat>`:
+//!   reading them does not disturb the VM.
+//! - Per-vCPU values come from QEMU's QMP `query-stats` (QEMU 7.1+), which reads each
+//!   vCPU's binary statistics fd (`KVM_GET_STATS_FD`). KVM refuses vCPU ioctls from any
+//!   process but the VM's own, so QEMU has to do it; it runs the read on each vCPU thread,
+//!   which kicks that vCPU out of the guest once (an exit, counted like any other).
 
 use std::collections::BTreeMap;
-use std::fs::{self, File};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::FileExt;
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use exitlab_proto::msg::{VcpuStats, VmStats};
+use serde_json::{json, Value};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StatsError {
-    #[error("listing /proc/{pid}/fd: {source}")]
-    Proc { pid: i32, source: std::io::Error },
-    #[error("process {0} has no KVM vCPU file descriptors")]
-    NoVcpus(i32),
+    #[error("no KVM debugfs directory for process {0} under /sys/kernel/debug/kvm (is debugfs mounted and CONFIG_DEBUG_FS set?)")]
+    NoDebugfs(i32),
+    #[error("QMP: {0}")]
+    Qmp(String),
     #[error("{what}: {source}")]
-    Sys {
+    Io {
         what: String,
         source: std::io::Error,
     },
-    #[error("malformed KVM stats data: {0}")]
-    Malformed(&'static str),
 }
 
-const KVMIO: u8 = 0xAE;
-nix::ioctl_none!(kvm_get_stats_fd, KVMIO, 0xce);
-
-/// Size of `struct kvm_stats_header` and of the fixed part of `struct kvm_stats_desc`.
-const HEADER_LEN: usize = 24;
-const DESC_FIXED_LEN: usize = 16;
-const KVM_STATS_TYPE_MASK: u32 = 0xf;
-/// Histograms have more than one value; only scalar statistics are reported.
-const KVM_STATS_TYPE_LINEAR_HIST: u32 = 3;
-const KVM_STATS_TYPE_LOG_HIST: u32 = 4;
-
-fn sys(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> StatsError {
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> StatsError {
     let what = what.into();
-    move |source| StatsError::Sys { what, source }
+    move |source| StatsError::Io { what, source }
 }
 
-/// The open statistics of the vCPUs of one VMM process.
+/// Reads the statistics of the VM that QEMU process `pid` runs.
 pub struct VmStatsReader {
     pid: i32,
-    vcpus: BTreeMap<u32, File>,
+    qmp_socket: PathBuf,
+    qmp: Option<Qmp>,
 }
 
 impl VmStatsReader {
-    pub fn new(pid: i32) -> Self {
+    pub fn new(pid: i32, qmp_socket: &Path) -> Self {
         Self {
             pid,
-            vcpus: BTreeMap::new(),
+            qmp_socket: qmp_socket.to_path_buf(),
+            qmp: None,
         }
     }
 
-    /// Reads every vCPU's statistics now (opening the ones created since the last call).
+    /// VM-wide sums first (undisturbed), then each vCPU.
     pub fn read(&mut self) -> Result<VmStats, StatsError> {
-        self.discover()?;
-        let mut vcpus = Vec::new();
-        for (id, f) in &self.vcpus {
-            vcpus.push(VcpuStats {
-                id: *id,
-                stats: read_stats(f)?,
-            });
+        let vm = read_debugfs(self.pid)?;
+        if self.qmp.is_none() {
+            self.qmp = Some(Qmp::connect(&self.qmp_socket)?);
         }
-        Ok(VmStats { vcpus })
-    }
-
-    fn discover(&mut self) -> Result<(), StatsError> {
-        let pid = self.pid;
-        let dir = format!("/proc/{pid}/fd");
-        let entries = fs::read_dir(&dir).map_err(|source| StatsError::Proc { pid, source })?;
-        let mut wanted = Vec::new();
-        for e in entries.flatten() {
-            let Ok(target) = fs::read_link(e.path()) else {
-                continue;
-            };
-            let target = target.to_string_lossy();
-            let Some(id) = target.strip_prefix("anon_inode:kvm-vcpu:") else {
-                continue;
-            };
-            let (Ok(id), Ok(fd)) = (id.parse::<u32>(), e.file_name().to_string_lossy().parse())
-            else {
-                continue;
-            };
-            if !self.vcpus.contains_key(&id) {
-                wanted.push((id, fd));
-            }
-        }
-        if wanted.is_empty() && self.vcpus.is_empty() {
-            return Err(StatsError::NoVcpus(pid));
-        }
-        if wanted.is_empty() {
-            return Ok(());
-        }
-        let pidfd = pidfd_open(pid)?;
-        for (id, fd) in wanted {
-            let vcpu = pidfd_getfd(&pidfd, fd)?;
-            // SAFETY: KVM_GET_STATS_FD takes no argument and returns a new fd or -1.
-            let stats = unsafe { kvm_get_stats_fd(vcpu.as_raw_fd()) }
-                .map_err(|e| sys(format!("KVM_GET_STATS_FD on vCPU {id}"))(e.into()))?;
-            // SAFETY: the ioctl returned a new file descriptor that nothing else owns.
-            let stats = unsafe { File::from_raw_fd(stats) };
-            self.vcpus.insert(id, stats);
-        }
-        Ok(())
+        let qmp = self.qmp.as_mut().expect("connected above");
+        let vcpus = qmp.vcpu_stats()?;
+        Ok(VmStats { vm, vcpus })
     }
 }
 
-fn pidfd_open(pid: i32) -> Result<OwnedFd, StatsError> {
-    // SAFETY: plain syscall with integer arguments.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd < 0 {
-        return Err(sys(format!("pidfd_open({pid})"))(
-            std::io::Error::last_os_error(),
-        ));
-    }
-    // SAFETY: a new fd returned by the kernel, owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+fn debugfs_dir(pid: i32) -> Result<PathBuf, StatsError> {
+    let root = Path::new("/sys/kernel/debug/kvm");
+    let prefix = format!("{pid}-");
+    fs::read_dir(root)
+        .map_err(|_| StatsError::NoDebugfs(pid))?
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .map(|e| e.path())
+        .ok_or(StatsError::NoDebugfs(pid))
 }
 
-fn pidfd_getfd(pidfd: &OwnedFd, target: RawFd) -> Result<OwnedFd, StatsError> {
-    // SAFETY: plain syscall with integer arguments.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), target, 0) };
-    if fd < 0 {
-        return Err(sys(format!("pidfd_getfd(fd {target})"))(
-            std::io::Error::last_os_error(),
-        ));
-    }
-    // SAFETY: a new fd returned by the kernel, owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
-}
-
-fn read_stats(f: &File) -> Result<BTreeMap<String, u64>, StatsError> {
-    let mut header = [0u8; HEADER_LEN];
-    f.read_exact_at(&mut header, 0)
-        .map_err(sys("reading the stats header"))?;
-    let u32_at = |b: &[u8], o: usize| u32::from_ne_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
-    let name_size = u32_at(&header, 4) as usize;
-    let num_desc = u32_at(&header, 8) as usize;
-    let desc_offset = u32_at(&header, 16) as u64;
-    let data_offset = u32_at(&header, 20) as u64;
-    let mut descs = vec![0u8; num_desc * (DESC_FIXED_LEN + name_size)];
-    f.read_exact_at(&mut descs, desc_offset)
-        .map_err(sys("reading the stats descriptors"))?;
-    let data_len = descs
-        .chunks(DESC_FIXED_LEN + name_size)
-        .map(|d| {
-            let size = u16::from_ne_bytes([d[6], d[7]]) as usize;
-            u32_at(d, 8) as usize + 8 * size
-        })
-        .max()
-        .unwrap_or(0);
-    let mut data = vec![0u8; data_len];
-    f.read_exact_at(&mut data, data_offset)
-        .map_err(sys("reading the stats data"))?;
-    parse_stats(&descs, name_size, &data)
-}
-
-/// Decodes descriptors (`struct kvm_stats_desc` with `name_size`-byte names) and the data
-/// block into scalar statistics by name.
-pub fn parse_stats(
-    descs: &[u8],
-    name_size: usize,
-    data: &[u8],
-) -> Result<BTreeMap<String, u64>, StatsError> {
+/// Every numeric file of the VM's debugfs directory: the VM statistics and the vCPU
+/// statistics summed over vCPUs.
+fn read_debugfs(pid: i32) -> Result<BTreeMap<String, u64>, StatsError> {
+    let dir = debugfs_dir(pid)?;
     let mut out = BTreeMap::new();
-    if name_size == 0 {
-        return Err(StatsError::Malformed("zero name size"));
-    }
-    for d in descs.chunks(DESC_FIXED_LEN + name_size) {
-        if d.len() != DESC_FIXED_LEN + name_size {
-            return Err(StatsError::Malformed("truncated descriptor"));
-        }
-        let flags = u32::from_ne_bytes([d[0], d[1], d[2], d[3]]);
-        let size = u16::from_ne_bytes([d[6], d[7]]) as usize;
-        let offset = u32::from_ne_bytes([d[8], d[9], d[10], d[11]]) as usize;
-        let name = &d[DESC_FIXED_LEN..];
-        let name = &name[..name.iter().position(|&b| b == 0).unwrap_or(name.len())];
-        let name = String::from_utf8_lossy(name).into_owned();
-        let kind = flags & KVM_STATS_TYPE_MASK;
-        if size != 1 || kind == KVM_STATS_TYPE_LINEAR_HIST || kind == KVM_STATS_TYPE_LOG_HIST {
+    for e in fs::read_dir(&dir)
+        .map_err(io(dir.display().to_string()))?
+        .flatten()
+    {
+        if !e.file_type().is_ok_and(|t| t.is_file()) {
             continue;
         }
-        let v = data
-            .get(offset..offset + 8)
-            .ok_or(StatsError::Malformed("value outside the data block"))?;
-        let v = u64::from_ne_bytes(v.try_into().map_err(|_| StatsError::Malformed("value"))?);
-        out.insert(name, v);
+        if let Ok(text) = fs::read_to_string(e.path()) {
+            if let Ok(v) = text.trim().parse::<u64>() {
+                out.insert(e.file_name().to_string_lossy().into_owned(), v);
+            }
+        }
     }
+    Ok(out)
+}
+
+/// A minimal QMP client: one command at a time, events skipped.
+struct Qmp {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Qmp {
+    fn connect(path: &Path) -> Result<Self, StatsError> {
+        let s =
+            UnixStream::connect(path).map_err(io(format!("connecting to {}", path.display())))?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))
+            .map_err(io("QMP socket timeout"))?;
+        let writer = s.try_clone().map_err(io("QMP socket"))?;
+        let mut q = Qmp {
+            reader: BufReader::new(s),
+            writer,
+        };
+        let greeting = q.next_line()?;
+        if greeting.get("QMP").is_none() {
+            return Err(StatsError::Qmp(format!("unexpected greeting {greeting}")));
+        }
+        q.execute("qmp_capabilities", json!({}))?;
+        Ok(q)
+    }
+
+    fn next_line(&mut self) -> Result<Value, StatsError> {
+        let mut line = String::new();
+        if self
+            .reader
+            .read_line(&mut line)
+            .map_err(io("reading QMP"))?
+            == 0
+        {
+            return Err(StatsError::Qmp("QEMU closed the QMP socket".into()));
+        }
+        serde_json::from_str(&line).map_err(|e| StatsError::Qmp(format!("{e}: {line}")))
+    }
+
+    fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, StatsError> {
+        let req = json!({ "execute": command, "arguments": arguments });
+        self.writer
+            .write_all(format!("{req}\n").as_bytes())
+            .map_err(io("writing QMP"))?;
+        loop {
+            let v = self.next_line()?;
+            if let Some(r) = v.get("return") {
+                return Ok(r.clone());
+            }
+            if let Some(e) = v.get("error") {
+                return Err(StatsError::Qmp(format!("{command}: {e}")));
+            }
+        }
+    }
+
+    fn vcpu_stats(&mut self) -> Result<Vec<VcpuStats>, StatsError> {
+        let cpus = self.execute("query-cpus-fast", json!({}))?;
+        let stats = self.execute("query-stats", json!({ "target": "vcpu" }))?;
+        parse_query_stats(&cpus, &stats)
+    }
+}
+
+/// Joins `query-cpus-fast` (cpu-index ↔ qom-path) with `query-stats` (qom-path → stats).
+/// Only scalar values are kept; histograms are dropped.
+pub fn parse_query_stats(cpus: &Value, stats: &Value) -> Result<Vec<VcpuStats>, StatsError> {
+    let bad = |what: &str| StatsError::Qmp(format!("unexpected reply: {what}"));
+    let mut index_of = BTreeMap::new();
+    for c in cpus.as_array().ok_or_else(|| bad("query-cpus-fast"))? {
+        let path = c["qom-path"].as_str().ok_or_else(|| bad("qom-path"))?;
+        let idx = c["cpu-index"].as_u64().ok_or_else(|| bad("cpu-index"))?;
+        index_of.insert(path.to_string(), idx as u32);
+    }
+    let mut out = Vec::new();
+    for r in stats.as_array().ok_or_else(|| bad("query-stats"))? {
+        if r["provider"].as_str() != Some("kvm") {
+            continue;
+        }
+        let path = r["qom-path"].as_str().ok_or_else(|| bad("qom-path"))?;
+        let id = *index_of
+            .get(path)
+            .ok_or_else(|| bad("a vCPU missing from query-cpus-fast"))?;
+        let mut map = BTreeMap::new();
+        for s in r["stats"].as_array().ok_or_else(|| bad("stats"))? {
+            let (Some(name), value) = (s["name"].as_str(), &s["value"]) else {
+                continue;
+            };
+            let v = match value {
+                Value::Number(n) => n.as_u64(),
+                Value::Bool(b) => Some(u64::from(*b)),
+                _ => None,
+            };
+            if let Some(v) = v {
+                map.insert(name.to_string(), v);
+            }
+        }
+        out.push(VcpuStats { id, stats: map });
+    }
+    out.sort_by_key(|v| v.id);
     Ok(out)
 }
 
@@ -199,40 +199,31 @@ pub fn parse_stats(
 mod tests {
     use super::*;
 
-    fn desc(flags: u32, size: u16, offset: u32, name: &str, name_size: usize) -> Vec<u8> {
-        let mut d = Vec::new();
-        d.extend(flags.to_ne_bytes());
-        d.extend(0i16.to_ne_bytes());
-        d.extend(size.to_ne_bytes());
-        d.extend(offset.to_ne_bytes());
-        d.extend(0u32.to_ne_bytes());
-        let mut n = name.as_bytes().to_vec();
-        n.resize(name_size, 0);
-        d.extend(n);
-        d
+    #[test]
+    fn joins_cpus_and_stats() {
+        let cpus = json!([
+            {"cpu-index": 0, "qom-path": "/machine/unattached/device[0]", "thread-id": 10},
+            {"cpu-index": 1, "qom-path": "/machine/unattached/device[2]", "thread-id": 11}
+        ]);
+        let stats = json!([
+            {"provider": "kvm", "qom-path": "/machine/unattached/device[2]",
+             "stats": [{"name": "exits", "value": 7}, {"name": "guest_mode", "value": false},
+                       {"name": "halt_poll_hist", "value": [1, 2]}]},
+            {"provider": "kvm", "qom-path": "/machine/unattached/device[0]",
+             "stats": [{"name": "exits", "value": 5}, {"name": "exit_cycles", "value": 123456789012u64}]}
+        ]);
+        let v = parse_query_stats(&cpus, &stats).unwrap();
+        assert_eq!(v.len(), 2);
+        assert_eq!(v[0].id, 0);
+        assert_eq!(v[0].stats["exit_cycles"], 123_456_789_012);
+        assert_eq!(v[1].stats["exits"], 7);
+        assert_eq!(v[1].stats["guest_mode"], 0);
+        assert!(!v[1].stats.contains_key("halt_poll_hist"));
     }
 
     #[test]
-    fn decodes_scalars_and_skips_histograms() {
-        let ns = 48;
-        let mut descs = desc(0, 1, 0, "exits", ns);
-        descs.extend(desc(3, 32, 8, "halt_poll_hist", ns));
-        descs.extend(desc(0x30, 1, 8 + 256, "exit_cycles", ns));
-        let mut data = vec![0u8; 8 + 256 + 8];
-        data[..8].copy_from_slice(&42u64.to_ne_bytes());
-        data[264..].copy_from_slice(&123_456_789_012u64.to_ne_bytes());
-        let s = parse_stats(&descs, ns, &data).unwrap();
-        assert_eq!(s.get("exits"), Some(&42));
-        assert_eq!(s.get("exit_cycles"), Some(&123_456_789_012));
-        assert!(!s.contains_key("halt_poll_hist"));
-    }
-
-    #[test]
-    fn rejects_out_of_range_values() {
-        let descs = desc(0, 1, 64, "exits", 16);
-        assert!(matches!(
-            parse_stats(&descs, 16, &[0u8; 8]),
-            Err(StatsError::Malformed(_))
-        ));
+    fn rejects_unknown_vcpus() {
+        let stats = json!([{"provider": "kvm", "qom-path": "/x", "stats": []}]);
+        assert!(parse_query_stats(&json!([]), &stats).is_err());
     }
 }

@@ -42,7 +42,6 @@ pub fn open_tty(path: &str) -> Result<(File, File)> {
         .with_context(|| format!("opening the protocol port {path}"))?;
     let mut t = termios::tcgetattr(tty.as_fd()).context("tcgetattr")?;
     termios::cfmakeraw(&mut t);
-    termios::cfsetspeed(&mut t, termios::BaudRate::B115200).context("cfsetspeed")?;
     termios::tcsetattr(tty.as_fd(), SetArg::TCSANOW, &t).context("tcsetattr")?;
     let reader = tty.try_clone().context("dup of the protocol port")?;
     Ok((tty, reader))

@@ -124,6 +124,7 @@ mod tests {
 
     fn vm(exits: u64, cycles: u64) -> VmStats {
         VmStats {
+            vm: Default::default(),
             vcpus: vec![VcpuStats {
                 id: 0,
                 stats: [

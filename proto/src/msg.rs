@@ -53,15 +53,29 @@ pub struct VcpuStats {
     pub stats: BTreeMap<String, u64>,
 }
 
-/// Statistics of every vCPU of one VM, read from the L1 kernel while the VM runs.
+/// KVM's statistics of one VM, read in L1 while the VM runs: first the VM-wide sums from
+/// debugfs (`/sys/kernel/debug/kvm/<pid>-<fd>/`, which perturbs nothing), then each vCPU's
+/// binary statistics through QEMU's `query-stats` (which briefly kicks each vCPU out of the
+/// guest, so per-vCPU values can be a few exits ahead of the sums).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmStats {
+    /// VM-wide sums over all vCPUs, as debugfs reports them.
+    pub vm: BTreeMap<String, u64>,
     pub vcpus: Vec<VcpuStats>,
 }
 
 impl VmStats {
-    /// Sum of one statistic over all vCPUs; `None` if no vCPU reports it.
+    /// A VM-wide total: debugfs's sum if it has one, else the sum over the vCPUs; `None` if
+    /// neither reports the statistic.
     pub fn total(&self, name: &str) -> Option<u64> {
+        if let Some(v) = self.vm.get(name) {
+            return Some(*v);
+        }
+        self.vcpu_sum(name)
+    }
+
+    /// Sum of one statistic over the per-vCPU readings.
+    pub fn vcpu_sum(&self, name: &str) -> Option<u64> {
         let mut found = false;
         let mut sum = 0u64;
         for v in &self.vcpus {
@@ -163,6 +177,7 @@ mod tests {
             Msg::KvmStats {
                 tag: "end".into(),
                 vm: VmStats {
+                    vm: [("exits".to_string(), 5)].into(),
                     vcpus: vec![VcpuStats {
                         id: 0,
                         stats: [("exits".to_string(), 5)].into(),
@@ -179,7 +194,8 @@ mod tests {
 
     #[test]
     fn totals_and_per_vcpu() {
-        let vm = VmStats {
+        let mut vm = VmStats {
+            vm: BTreeMap::new(),
             vcpus: vec![
                 VcpuStats {
                     id: 1,
@@ -194,6 +210,9 @@ mod tests {
         assert_eq!(vm.total("exits"), Some(12));
         assert_eq!(vm.total("exit_cycles"), None);
         assert_eq!(vm.per_vcpu("exits"), vec![(0, Some(5)), (1, Some(7))]);
+        vm.vm.insert("exits".into(), 11);
+        assert_eq!(vm.total("exits"), Some(11));
+        assert_eq!(vm.vcpu_sum("exits"), Some(12));
     }
 
     #[test]

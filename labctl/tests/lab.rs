@@ -1,0 +1,387 @@
+//! End-to-end tests: they build the patched kernel and the images (once; later runs are
+//! incremental), boot the nested lab and assert on the values it reports. Boots are
+//! serialized (the machine has few cores). A test that cannot run fails and says why.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::{Mutex, MutexGuard};
+
+use exitlab_proto::leaf::ExitStats;
+
+static LAB: Mutex<()> = Mutex::new(());
+
+/// Serializes tests that boot the lab; a failed test does not poison the others.
+fn lab_lock() -> MutexGuard<'static, ()> {
+    LAB.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn labctl(args: &[&str]) -> Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_labctl"))
+        .args(args)
+        .current_dir(repo())
+        .env_remove("LABCTL_KERNEL")
+        .env_remove("LABCTL_L1_IMAGE")
+        .output()
+        .expect("running labctl");
+    eprintln!(
+        "$ labctl {}\n--- stdout\n{}--- stderr\n{}--- status {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        out.status
+    );
+    out
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn code(o: &Output) -> i32 {
+    o.status.code().expect("labctl was killed by a signal")
+}
+
+/// The results file a run printed (`results:  PATH`), parsed.
+fn results(o: &Output) -> serde_yaml_ng::Value {
+    let text = stdout(o) + &stderr(o);
+    let path = text
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("results:  ")
+                .or_else(|| l.split_once("results: ").map(|(_, p)| p))
+        })
+        .expect("labctl printed no results path")
+        .trim();
+    let yaml = std::fs::read_to_string(path).expect("results file");
+    serde_yaml_ng::from_str(&yaml).expect("results file is YAML")
+}
+
+fn readings(o: &Output) -> Vec<ExitStats> {
+    stdout(o)
+        .lines()
+        .filter(|l| l.starts_with("CPUID("))
+        .map(|l| l.parse().expect("a line in the exact sample format"))
+        .collect()
+}
+
+fn host_can_nest_with_kvm() -> bool {
+    let id = raw_cpuid::CpuId::new();
+    let vmx = id.get_feature_info().is_some_and(|f| f.has_vmx());
+    let svm = id
+        .get_extended_processor_and_feature_identifiers()
+        .is_some_and(|f| f.has_svm());
+    vmx || svm
+}
+
+#[test]
+fn lab_prints_growing_readings_that_match_kvm_statistics() {
+    let _g = lab_lock();
+    let o = labctl(&["lab"]);
+    assert_eq!(code(&o), 0, "labctl lab failed");
+    let r = readings(&o);
+    assert_eq!(r.len(), 2, "two readings of test_assignment2");
+    assert!(r[0].exits > 0 && r[0].cycles > 0, "{r:?}");
+    assert!(
+        r[1].exits > r[0].exits && r[1].cycles > r[0].cycles,
+        "{r:?}"
+    );
+
+    let y = results(&o);
+    assert_eq!(y["schema"].as_str(), Some("kvm-exit-lab/results/v1"));
+    assert_eq!(y["ok"].as_bool(), Some(true));
+    let checks = y["checks"].as_sequence().unwrap();
+    let names: Vec<_> = checks.iter().map(|c| c["name"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        ["ran", "format", "nonzero", "growing", "matches-kvm-stats"]
+    );
+    assert!(checks.iter().all(|c| c["ok"].as_bool() == Some(true)));
+    // The results file holds the same readings as stdout, and KVM's own totals bound them.
+    assert_eq!(
+        y["readings"][1]["exits"].as_u64(),
+        Some(u64::from(r[1].exits))
+    );
+    let s2 = &y["kvm_stats"]["after-2"];
+    assert!(s2["exits"].as_u64().unwrap() >= u64::from(r[1].exits));
+    assert!(s2["exit_cycles"].as_u64().unwrap() > r[1].cycles);
+    // Default options pick the accelerator by themselves, and say why.
+    let expected = if host_can_nest_with_kvm() {
+        None
+    } else {
+        Some("tcg")
+    };
+    if let Some(kind) = expected {
+        assert_eq!(y["accel"]["kind"].as_str(), Some(kind));
+        assert_eq!(y["accel"]["cpu"].as_str(), Some("max"));
+    }
+    assert!(!y["accel"]["reason"].as_str().unwrap().is_empty());
+    // What was built is recorded: version and one hash per patch.
+    let patches = std::fs::read_dir(repo().join("kernel/patches"))
+        .unwrap()
+        .count();
+    assert_eq!(y["kernel"]["patches"].as_sequence().unwrap().len(), patches);
+    assert!(y["kernel"]["version"].as_str().unwrap().starts_with("6.12"));
+    assert!(y["l2"]["kernel"].as_str().unwrap().starts_with("6.12"));
+}
+
+#[test]
+fn accounting_off_makes_the_lab_fail_loudly() {
+    let _g = lab_lock();
+    let o = labctl(&["lab", "--l1-cmdline", "kvm.exit_accounting=0"]);
+    assert_eq!(code(&o), 1, "checks must fail with the accounting off");
+    let r = readings(&o);
+    assert_eq!(r.len(), 2);
+    assert!(r.iter().all(ExitStats::is_zero), "{r:?}");
+    let y = results(&o);
+    assert_eq!(y["ok"].as_bool(), Some(false));
+    let failed: Vec<_> = y["checks"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter(|c| c["ok"].as_bool() == Some(false))
+        .map(|c| c["name"].as_str().unwrap().to_string())
+        .collect();
+    assert!(failed.contains(&"nonzero".to_string()), "{failed:?}");
+    assert!(stdout(&o).contains("FAIL"));
+}
+
+/// A foreign static program: prints its argument, a shipped data file's mode and
+/// content, and its own reading of the leaf; exits 7.
+const FOREIGN_PROGRAM: &str = r#"
+#include <stdio.h>
+#include <sys/stat.h>
+#include <cpuid.h>
+int main(int argc, char **argv) {
+    struct stat st;
+    char buf[64] = {0};
+    FILE *f = fopen("data.txt", "r");
+    unsigned a, b, c, d;
+    if (argc < 2 || !f || stat("data.txt", &st) || !fgets(buf, sizeof buf, f))
+        return 99;
+    printf("arg=%s\n", argv[1]);
+    printf("data.txt mode=%o content=%s", st.st_mode & 0777, buf);
+    __cpuid_count(0x4FFFFFFF, 0, a, b, c, d);
+    printf("CPUID(0x4FFFFFFF), exits=%u, cycles spent in exit=%llu\n", a,
+           ((unsigned long long)b << 32) | c);
+    fprintf(stderr, "to stderr\n");
+    return 7;
+}
+"#;
+
+#[test]
+fn exec_runs_a_foreign_static_binary_and_returns_its_status() {
+    let dir = std::env::temp_dir().join(format!("labctl-exec-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let src = dir.join("prog.c");
+    let prog = dir.join("prog");
+    std::fs::write(&src, FOREIGN_PROGRAM).unwrap();
+    let cc = Command::new("gcc")
+        .args(["-static", "-O2", "-o"])
+        .arg(&prog)
+        .arg(&src)
+        .status()
+        .expect("this test needs gcc with static glibc: apt-get install -y gcc libc6-dev");
+    assert!(cc.success(), "gcc -static failed");
+    let data = dir.join("data.txt");
+    std::fs::write(&data, "hello\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o640)).unwrap();
+
+    let _g = lab_lock();
+    let o = labctl(&[
+        "exec",
+        "--file",
+        prog.to_str().unwrap(),
+        "--file",
+        data.to_str().unwrap(),
+        "--",
+        "./prog",
+        "first argument",
+    ]);
+    assert_eq!(code(&o), 7, "the guest program's exit status comes back");
+    let out = stdout(&o);
+    assert!(out.contains("arg=first argument\n"), "{out}");
+    assert!(out.contains("data.txt mode=640 content=hello\n"), "{out}");
+    assert!(stderr(&o).contains("to stderr"));
+    let r = readings(&o);
+    assert_eq!(r.len(), 1);
+    assert!(r[0].exits > 0 && r[0].cycles > 0, "{r:?}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn exec_reports_a_command_that_cannot_start() {
+    let _g = lab_lock();
+    let o = labctl(&["exec", "--", "/no/such/program"]);
+    assert_eq!(code(&o), 127);
+    assert!(stderr(&o).contains("could not run"), "{}", stderr(&o));
+}
+
+#[test]
+fn selftest_passes_inside_l1() {
+    let _g = lab_lock();
+    let o = labctl(&["selftest"]);
+    assert_eq!(code(&o), 0, "the KVM selftest failed in L1");
+    let out = stdout(&o);
+    assert!(out.contains("1..6"), "{out}");
+    let oks = out.lines().filter(|l| l.starts_with("ok ")).count();
+    assert_eq!(oks, 6, "{out}");
+    assert!(!out.contains("not ok") && !out.contains("# SKIP"), "{out}");
+    for case in [
+        "1 vCPU(s)",
+        "4 vCPU(s)",
+        "emulated CPUID",
+        "accounting off",
+        "leaf in userspace table",
+    ] {
+        assert!(out.contains(case), "case {case:?} missing:\n{out}");
+    }
+}
+
+#[test]
+fn a_hung_boot_times_out_and_names_the_logs() {
+    let _g = lab_lock();
+    // Make sure everything is built, so the 1 s budget is spent booting.
+    assert_eq!(code(&labctl(&["build"])), 0);
+    let o = labctl(&["lab", "--timeout", "1"]);
+    assert_eq!(code(&o), 124);
+    let err = stderr(&o);
+    assert!(err.contains("timed out after 1 s"), "{err}");
+    assert!(
+        err.contains("l1-console.log") && err.contains("l2-console.log"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_guest_kernel_panic_is_reported_with_its_log() {
+    let _g = lab_lock();
+    // No init in the image under that name: the L1 kernel panics at boot.
+    let o = labctl(&["lab", "--l1-cmdline", "rdinit=/no-such-init"]);
+    assert_eq!(code(&o), 125);
+    let err = stderr(&o);
+    assert!(err.contains("L1 kernel panicked"), "{err}");
+    assert!(err.contains("No working init found"), "{err}");
+    assert!(err.contains("l1-console.log"), "{err}");
+}
+
+#[test]
+fn bad_input_gets_a_clear_error() {
+    let tmp = std::env::temp_dir().join(format!("labctl-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let build = tmp.join("build");
+    let b = build.to_str().unwrap();
+    let cases: Vec<(Vec<String>, i32, &str)> = vec![
+        (
+            vec!["lab".into(), "--vcpus".into(), "0".into()],
+            2,
+            "the lab supports 1 to 16",
+        ),
+        (
+            vec!["lab".into(), "--vcpus".into(), "17".into()],
+            2,
+            "out of range",
+        ),
+        (
+            vec!["lab".into(), "--memory".into(), "64G".into()],
+            2,
+            "does not fit",
+        ),
+        (
+            vec!["lab".into(), "--memory".into(), "lots".into()],
+            2,
+            "not a size",
+        ),
+        (
+            vec!["lab".into(), "--timeout".into(), "0".into()],
+            2,
+            "timeout",
+        ),
+        (
+            vec![
+                "build".into(),
+                "--build-dir".into(),
+                b.into(),
+                "--kernel-src".into(),
+                "/no/such/tree".into(),
+            ],
+            2,
+            "kernel source /no/such/tree",
+        ),
+        (
+            vec![
+                "exec".into(),
+                "--file".into(),
+                "/no/such/file".into(),
+                "--".into(),
+                "true".into(),
+            ],
+            2,
+            "--file /no/such/file",
+        ),
+        (vec!["exec".into()], 2, "CMD"),
+    ];
+    for (args, want_code, want_msg) in cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = labctl(&args);
+        assert_eq!(code(&o), want_code, "{args:?}");
+        assert!(stderr(&o).contains(want_msg), "{args:?}: {}", stderr(&o));
+    }
+
+    // A tree that is not 6.12 is refused, and the build directory is left alone.
+    let old = tmp.join("linux-6.6");
+    std::fs::create_dir_all(&old).unwrap();
+    std::fs::write(
+        old.join("Makefile"),
+        "VERSION = 6\nPATCHLEVEL = 6\nSUBLEVEL = 1\n",
+    )
+    .unwrap();
+    let o = labctl(&[
+        "build",
+        "--build-dir",
+        b,
+        "--kernel-src",
+        old.to_str().unwrap(),
+    ]);
+    assert_eq!(code(&o), 2);
+    assert!(
+        stderr(&o).contains("patches are for 6.12"),
+        "{}",
+        stderr(&o)
+    );
+
+    // Unknown keys in lab.yaml name their line and column.
+    let yaml = tmp.join("lab.yaml");
+    std::fs::write(&yaml, "accel: tcg\nl2:\n  cpus: 2\n").unwrap();
+    let o = labctl(&["--config", yaml.to_str().unwrap(), "lab"]);
+    assert_eq!(code(&o), 2);
+    assert!(
+        stderr(&o).contains("unknown field `cpus`"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(stderr(&o).contains("line 3 column 3"), "{}", stderr(&o));
+
+    // --accel kvm where hardware KVM cannot nest fails and says why.
+    if !host_can_nest_with_kvm() {
+        let o = labctl(&["lab", "--accel", "kvm"]);
+        assert_eq!(code(&o), 2);
+        assert!(
+            stderr(&o).contains("--accel kvm is not possible here"),
+            "{}",
+            stderr(&o)
+        );
+    }
+    std::fs::remove_dir_all(tmp).unwrap();
+}
