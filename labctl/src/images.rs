@@ -335,7 +335,7 @@ mod tests {
         };
         let out = dir.join("run.cpio");
         let uf = UserFile::from_path(&prog).unwrap();
-        run_initrd(&base, &job, &[uf.clone()], &out).unwrap();
+        run_initrd(&base, &job, std::slice::from_ref(&uf), &out).unwrap();
         let e = exitlab_proto::cpio::read_entries(&fs::read(&out).unwrap()).unwrap();
         let get = |n: &str| e.iter().find(|x| x.name == n).unwrap().clone();
         assert_eq!(get("bin/a").data, b"AAAA");

@@ -294,9 +294,20 @@ fn bad_input_gets_a_clear_error() {
             "out of range",
         ),
         (
-            vec!["lab".into(), "--memory".into(), "64G".into()],
+            vec![
+                "lab".into(),
+                "--memory".into(),
+                "4G".into(),
+                "--l1-memory".into(),
+                "2G".into(),
+            ],
             2,
             "does not fit",
+        ),
+        (
+            vec!["lab".into(), "--memory".into(), "100G".into()],
+            2,
+            "out of range",
         ),
         (
             vec!["lab".into(), "--memory".into(), "lots".into()],
