@@ -50,6 +50,7 @@ pub fn build_guest(repo: &Path, build_dir: &Path) -> Result<PathBuf> {
         sh,
         "cargo build --quiet --release --locked --manifest-path {manifest} -p exitlab-guest --target {GUEST_TARGET} --target-dir {target_dir}"
     )
+    .quiet()
     .run()
     .map_err(|e| setup(format!("building the guest programs failed: {e}")))?;
     let bin = target_dir.join(GUEST_TARGET).join("release");

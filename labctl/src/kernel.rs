@@ -509,10 +509,14 @@ fn configure(dirs: &KernelDirs, fragment_path: &Path) -> Result<()> {
 
 /// Runs make, showing progress and keeping the whole output in build.log.
 fn run_make(dirs: &KernelDirs, label: &'static str, args: &[String]) -> Result<()> {
+    run_make_logged(&dirs.log(), label, args)
+}
+
+fn run_make_logged(log_path: &Path, label: &'static str, args: &[String]) -> Result<()> {
     let log = fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(dirs.log())?;
+        .open(log_path)?;
     let sh = Shell::new()?;
     let mut command: std::process::Command = cmd!(sh, "make {args...}").into();
     let mut child = command
@@ -533,12 +537,12 @@ fn run_make(dirs: &KernelDirs, label: &'static str, args: &[String]) -> Result<(
     let status = child.wait()?;
     drop(log_w);
     if !status.success() {
-        let text = fs::read_to_string(dirs.log()).unwrap_or_default();
+        let text = fs::read_to_string(log_path).unwrap_or_default();
         let tail: Vec<&str> = text.lines().rev().take(40).collect();
         let tail: Vec<&str> = tail.into_iter().rev().collect();
         return Err(setup(format!(
             "kernel build failed ({status}); last lines of {}:\n{}",
-            dirs.log().display(),
+            log_path.display(),
             tail.join("\n")
         )));
     }
@@ -594,6 +598,120 @@ fn build_selftest(dirs: &KernelDirs) -> Result<()> {
             dirs.selftest().display().to_string(),
         ],
     )
+}
+
+/// checkpatch's warning for any added file ("does MAINTAINERS need updating?"). The
+/// selftest is covered by the existing KVM entry (`F: tools/testing/selftests/kvm/`).
+pub const CHECKPATCH_IGNORED: &str = "FILE_PATH_CHANGES";
+
+/// Totals of one checkpatch report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CheckpatchTotals {
+    pub errors: u32,
+    pub warnings: u32,
+    pub checks: u32,
+}
+
+/// Parses checkpatch's `total: N errors, N warnings, N checks, …` line.
+pub fn parse_checkpatch_totals(out: &str) -> Option<CheckpatchTotals> {
+    let line = out.lines().find(|l| l.starts_with("total: "))?;
+    let num = |what: &str| -> Option<u32> {
+        line.split(", ")
+            .map(|p| p.trim_start_matches("total: "))
+            .find(|p| p.ends_with(what) || p.ends_with(&what[..what.len() - 1]))?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    };
+    Some(CheckpatchTotals {
+        errors: num("errors")?,
+        warnings: num("warnings")?,
+        checks: num("checks")?,
+    })
+}
+
+/// One finding of the kernel quality gate.
+pub struct GateResult {
+    pub name: String,
+    pub ok: bool,
+    pub detail: String,
+}
+
+/// `labctl kernel-check`: checkpatch --strict on every patch, and a W=1 build of
+/// arch/x86/kvm (in its own object directory, so the lab's build stays incremental).
+pub fn quality_gate(dirs: &KernelDirs, patches: &[PathBuf]) -> Result<Vec<GateResult>> {
+    let src = dirs.src();
+    let checkpatch = src.join("scripts/checkpatch.pl");
+    if !checkpatch.is_file() {
+        return Err(setup(format!(
+            "{} is missing: run `labctl build` first",
+            checkpatch.display()
+        )));
+    }
+    let sh = Shell::new()?;
+    sh.change_dir(&src);
+    let mut results = Vec::new();
+    for p in patches {
+        let out = cmd!(
+            sh,
+            "perl {checkpatch} --strict --no-color --ignore {CHECKPATCH_IGNORED} {p}"
+        )
+        .quiet()
+        .ignore_status()
+        .output()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let totals = parse_checkpatch_totals(&text);
+        let ok = out.status.success() && totals == Some(CheckpatchTotals::default());
+        results.push(GateResult {
+            name: format!("checkpatch --strict {}", file_name(p)),
+            ok,
+            detail: if ok {
+                "0 errors, 0 warnings, 0 checks".into()
+            } else {
+                text
+            },
+        });
+    }
+
+    let obj = dirs.root.join("obj-w1");
+    fs::create_dir_all(&obj)?;
+    let config = fs::read(dirs.obj().join(".config"))
+        .map_err(|_| setup("no kernel .config yet: run `labctl build` first"))?;
+    if fs::read(obj.join(".config")).ok().as_ref() != Some(&config) {
+        fs::write(obj.join(".config"), &config)?;
+    }
+    let jobs = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let log = dirs.root.join("w1.log");
+    let _ = fs::remove_file(&log);
+    let build = run_make_logged(
+        &log,
+        "W=1",
+        &[
+            "-C".into(),
+            src.display().to_string(),
+            format!("O={}", obj.display()),
+            format!("-j{jobs}"),
+            "W=1".into(),
+            "olddefconfig".into(),
+            "arch/x86/kvm/".into(),
+        ],
+    );
+    let text = fs::read_to_string(&log).unwrap_or_default();
+    let warnings: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("warning:") || l.contains("error:"))
+        .collect();
+    results.push(GateResult {
+        name: "make W=1 arch/x86/kvm/".into(),
+        ok: build.is_ok() && warnings.is_empty(),
+        detail: match (&build, warnings.is_empty()) {
+            (Ok(()), true) => format!("no warnings ({})", log.display()),
+            (Err(e), _) => format!("{e:#}"),
+            _ => warnings.join("\n"),
+        },
+    });
+    Ok(results)
 }
 
 #[cfg(test)]
@@ -706,6 +824,20 @@ mod tests {
         assert_eq!(fs::read_to_string(src.join("arch/a.c")).unwrap(), "Alpha\n");
         assert_eq!(fs::read_to_string(src.join("b.c")).unwrap(), "beta\n");
         fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn checkpatch_totals() {
+        let out = "foo\ntotal: 0 errors, 1 warnings, 2 checks, 66 lines checked\n";
+        assert_eq!(
+            parse_checkpatch_totals(out),
+            Some(CheckpatchTotals {
+                errors: 0,
+                warnings: 1,
+                checks: 2
+            })
+        );
+        assert_eq!(parse_checkpatch_totals("nothing"), None);
     }
 
     #[test]

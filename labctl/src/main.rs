@@ -51,6 +51,8 @@ enum Command {
     Exec(ExecArgs),
     /// Run the patch series' KVM selftest inside L1, on the patched KVM.
     Selftest(LabArgs),
+    /// The kernel quality gate: checkpatch --strict on every patch, make W=1 arch/x86/kvm.
+    KernelCheck(LabArgs),
     /// List what the lab needs from this machine, and how to install what is missing.
     Doctor,
 }
@@ -181,6 +183,24 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 );
             }
             Ok(0)
+        }
+        Command::KernelCheck(a) => {
+            let lab = lab_from(cli.config, cli.repo, a)?;
+            lab.build()?;
+            let dirs = kernel::KernelDirs::new(&lab.cfg.build_dir);
+            let patches = kernel::series(&lab.repo.join("kernel/patches"))?;
+            let results = kernel::quality_gate(&dirs, &patches)?;
+            for r in &results {
+                println!("{} {}", if r.ok { "ok  " } else { "FAIL" }, r.name);
+                if !r.ok {
+                    println!("{}", r.detail);
+                }
+            }
+            Ok(if results.iter().all(|r| r.ok) {
+                0
+            } else {
+                code::SCENARIO_FAILED.into()
+            })
         }
         Command::Lab(a) => scenario::lab(&lab_from(cli.config, cli.repo, a)?),
         Command::Selftest(a) => scenario::selftest(&lab_from(cli.config, cli.repo, a)?),

@@ -396,3 +396,78 @@ fn bad_input_gets_a_clear_error() {
     }
     std::fs::remove_dir_all(tmp).unwrap();
 }
+
+#[test]
+fn kernel_series_passes_checkpatch_strict_and_w1() {
+    let _g = lab_lock();
+    let o = labctl(&["kernel-check"]);
+    assert_eq!(code(&o), 0, "kernel quality gate failed");
+    let out = stdout(&o);
+    let patches = std::fs::read_dir(repo().join("kernel/patches"))
+        .unwrap()
+        .count();
+    assert_eq!(
+        out.lines()
+            .filter(|l| l.starts_with("ok   checkpatch --strict "))
+            .count(),
+        patches,
+        "{out}"
+    );
+    assert!(out.contains("ok   make W=1 arch/x86/kvm/"), "{out}");
+}
+
+/// Kills the QEMU whose command line mentions `needle` (the run directory).
+fn kill_qemu_mentioning(needle: &str) -> bool {
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        if cmdline.contains("qemu-system") && cmdline.contains(needle) {
+            // SAFETY: plain kill(2) of a process this test started indirectly.
+            return unsafe { libc::kill(pid, libc::SIGKILL) } == 0;
+        }
+    }
+    false
+}
+
+#[test]
+fn a_killed_qemu_is_reported_as_a_crash_with_its_logs() {
+    use std::io::{BufRead, BufReader};
+    let _g = lab_lock();
+    assert_eq!(code(&labctl(&["build"])), 0);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_labctl"))
+        .args(["lab"])
+        .current_dir(repo())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut run_dir = None;
+    let mut seen = String::new();
+    let mut line = String::new();
+    while err.read_line(&mut line).unwrap() > 0 {
+        seen.push_str(&line);
+        if let Some((_, path)) = line.split_once("console: ") {
+            run_dir = Path::new(path.trim()).parent().map(Path::to_path_buf);
+        }
+        if line.contains("L1 up") {
+            break;
+        }
+        line.clear();
+    }
+    let run_dir = run_dir.unwrap_or_else(|| panic!("no run directory announced:\n{seen}"));
+    assert!(
+        kill_qemu_mentioning(run_dir.to_str().unwrap()),
+        "QEMU not found"
+    );
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut err, &mut rest).unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(126), "{seen}{rest}");
+    assert!(rest.contains("QEMU exited"), "{rest}");
+    assert!(rest.contains("signal: 9"), "{rest}");
+    assert!(rest.contains("l1-console.log"), "{rest}");
+}
