@@ -51,6 +51,8 @@ enum Command {
     Exec(ExecArgs),
     /// Run the patch series' KVM selftest inside L1, on the patched KVM.
     Selftest(LabArgs),
+    /// CPUID stress from one or more vCPUs at once, checked against KVM's statistics.
+    Stress(StressArgs),
     /// The kernel quality gate: checkpatch --strict on every patch, make W=1 arch/x86/kvm.
     KernelCheck(LabArgs),
     /// List what the lab needs from this machine, and how to install what is missing.
@@ -58,16 +60,13 @@ enum Command {
 }
 
 #[derive(Args, Clone, Default)]
-struct LabArgs {
+struct CommonArgs {
     /// How to run L1: hardware KVM (checked to work and to nest), TCG, or auto.
     #[arg(long, value_enum)]
     accel: Option<AccelChoice>,
     /// Seconds the whole run may take before the VMs are killed.
     #[arg(long, value_name = "SECONDS")]
     timeout: Option<u64>,
-    /// vCPUs of the L2 test VM.
-    #[arg(long, value_name = "N")]
-    vcpus: Option<u32>,
     /// Memory of the L2 test VM (MiB, or with M/G).
     #[arg(long, value_name = "SIZE", value_parser = config::parse_memory)]
     memory: Option<u32>,
@@ -100,6 +99,52 @@ struct LabArgs {
     l1_cmdline: String,
 }
 
+#[derive(Args, Clone, Default)]
+struct LabArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// vCPUs of the L2 test VM.
+    #[arg(long, value_name = "N")]
+    vcpus: Option<u32>,
+}
+
+/// `--vcpus 1,2,4`.
+#[derive(Debug, Clone)]
+struct VcpuList(Vec<u32>);
+
+fn vcpu_list(s: &str) -> Result<VcpuList, String> {
+    scenario::parse_vcpu_list(s).map(VcpuList)
+}
+
+#[derive(Args)]
+struct StressArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// L2 vCPUs; a list (1,2,4) runs a sweep, one boot per count, and prints a table.
+    #[arg(long, value_name = "N[,N...]", value_parser = vcpu_list, default_value = "1")]
+    vcpus: VcpuList,
+    /// Threads, each pinned to its own vCPU (default: as many as vCPUs; more is allowed).
+    #[arg(long, value_name = "T")]
+    threads: Option<u32>,
+    /// CPUIDs each thread executes.
+    #[arg(long, value_name = "K", default_value = "10000", value_parser = parse_count)]
+    iterations: u64,
+    /// The CPUID leaf executed (EAX), decimal or 0x hex. Every leaf exits under KVM.
+    #[arg(long, value_name = "L", default_value = "0", value_parser = parse_leaf)]
+    leaf: u32,
+    /// The CPUID subleaf (ECX).
+    #[arg(long, value_name = "S", default_value = "0", value_parser = parse_leaf)]
+    subleaf: u32,
+}
+
+fn parse_count(s: &str) -> Result<u64, String> {
+    exitlab_proto::stress::parse_u64(s)
+}
+
+fn parse_leaf(s: &str) -> Result<u32, String> {
+    exitlab_proto::stress::parse_u32(s)
+}
+
 #[derive(Args)]
 struct ExecArgs {
     #[command(flatten)]
@@ -113,6 +158,8 @@ struct ExecArgs {
 }
 
 fn lab_from(cli_config: Option<PathBuf>, repo: Option<PathBuf>, a: LabArgs) -> anyhow::Result<Lab> {
+    let vcpus = a.vcpus;
+    let a = a.common;
     let repo = repo.unwrap_or_else(scenario::default_repo);
     let file = match cli_config {
         Some(p) => FileConfig::load(&p)?,
@@ -135,7 +182,7 @@ fn lab_from(cli_config: Option<PathBuf>, repo: Option<PathBuf>, a: LabArgs) -> a
             build_dir: a.build_dir,
             l1_vcpus: a.l1_vcpus,
             l1_memory_mib: a.l1_memory,
-            vcpus: a.vcpus,
+            vcpus,
             memory_mib: a.memory,
         },
         &repo,
@@ -204,6 +251,26 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Lab(a) => scenario::lab(&lab_from(cli.config, cli.repo, a)?),
         Command::Selftest(a) => scenario::selftest(&lab_from(cli.config, cli.repo, a)?),
+        Command::Stress(st) => {
+            let lab = lab_from(
+                cli.config,
+                cli.repo,
+                LabArgs {
+                    common: st.common,
+                    vcpus: st.vcpus.0.first().copied(),
+                },
+            )?;
+            scenario::stress(
+                &lab,
+                &scenario::StressRequest {
+                    sweep: st.vcpus.0,
+                    threads: st.threads,
+                    iterations: st.iterations,
+                    leaf: st.leaf,
+                    subleaf: st.subleaf,
+                },
+            )
+        }
         Command::Exec(e) => {
             let lab = lab_from(cli.config, cli.repo, e.lab)?;
             scenario::exec(&lab, &e.files, &e.argv)

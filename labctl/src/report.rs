@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use crate::boot::RunLogs;
 use crate::kernel::BuildInfo;
-use crate::verify::Check;
+use crate::verify::{Check, StressFigures};
 
 pub const SCHEMA: &str = "kvm-exit-lab/results/v1";
 
@@ -31,6 +31,11 @@ pub struct Results {
     pub readings: Vec<ExitStats>,
     pub kvm_stats: BTreeMap<String, StatsReport>,
     pub checks: Vec<Check>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stress: Option<StressFigures>,
+    /// Things worth knowing that are not failures (e.g. more threads than vCPUs).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
     pub timings: Timings,
     pub logs: RunLogs,
 }
@@ -137,6 +142,9 @@ impl Results {
                 if c.ok { "ok  " } else { "FAIL" },
                 c.detail
             );
+        }
+        for n in &self.notes {
+            println!("note:     {n}");
         }
         println!("results:  {}", results_path.display());
         if !self.ok {

@@ -9,6 +9,7 @@ use anyhow::Result;
 use exitlab_proto::job::{Job, Level, Step, VmJob};
 use exitlab_proto::leaf::ExitStats;
 use exitlab_proto::msg::{Msg, Status, Stream, VmStats};
+use exitlab_proto::stress::{StressReport, StressSpec};
 use exitlab_proto::vm::l1;
 
 use crate::accel::{self, AccelDecision, HostFacts};
@@ -154,6 +155,8 @@ impl Lab {
                 .map(|(k, v)| (k.clone(), StatsReport::from(v)))
                 .collect(),
             checks,
+            stress: None,
+            notes: vec![],
             timings: Timings {
                 l1_up_s: run.boot.l1_up.map(|d| d.as_secs_f64()),
                 l2_up_s: run.boot.l2_up.map(|d| d.as_secs_f64()),
@@ -486,6 +489,199 @@ pub fn selftest(lab: &Lab) -> Result<i32> {
     let path = write_results(&results, &run)?;
     results.print_summary(&path);
     Ok(results.exit_code)
+}
+
+/// What `labctl stress` was asked to do.
+#[derive(Debug, Clone)]
+pub struct StressRequest {
+    /// L2 vCPU counts to run, one boot each.
+    pub sweep: Vec<u32>,
+    /// Threads per run; None: as many as vCPUs.
+    pub threads: Option<u32>,
+    pub iterations: u64,
+    pub leaf: u32,
+    pub subleaf: u32,
+}
+
+/// The most CPUIDs one stress run may execute (threads × iterations).
+pub const MAX_STRESS_CPUIDS: u64 = 100_000_000;
+
+impl StressRequest {
+    pub fn validate(&self) -> Result<()> {
+        if self.sweep.is_empty() {
+            return Err(crate::error::setup(
+                "--vcpus needs at least one count, e.g. 1,2,4",
+            ));
+        }
+        if self.iterations == 0 {
+            return Err(crate::error::setup(
+                "--iterations 0 would execute no CPUID: give at least 1",
+            ));
+        }
+        if self.threads == Some(0) {
+            return Err(crate::error::setup("--threads must be at least 1"));
+        }
+        for v in &self.sweep {
+            let t = u64::from(self.threads.unwrap_or(*v));
+            if t.saturating_mul(self.iterations) > MAX_STRESS_CPUIDS {
+                return Err(crate::error::setup(format!(
+                    "{t} threads x {} iterations is more than the {MAX_STRESS_CPUIDS} CPUIDs a run may execute (each is a VM exit of ~35 us here)",
+                    self.iterations
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Parses `--vcpus 1,2,4` (or one number).
+pub fn parse_vcpu_list(s: &str) -> Result<Vec<u32>, String> {
+    s.split(',')
+        .map(|p| {
+            p.trim()
+                .parse::<u32>()
+                .map_err(|_| format!("{s:?}: give vCPU counts like 4 or 1,2,4"))
+        })
+        .collect()
+}
+
+/// `labctl stress`: T threads pinned to L2's vCPUs execute CPUID K times each; the
+/// counters are checked against KVM's statistics. One boot per vCPU count of the sweep.
+pub fn stress(lab: &Lab, req: &StressRequest) -> Result<i32> {
+    req.validate()?;
+    let mut cfgs = Vec::new();
+    for &v in &req.sweep {
+        let mut cfg = lab.cfg.clone();
+        cfg.l2_vcpus = v;
+        cfg.validate()?;
+        cfgs.push(cfg);
+    }
+    let p = lab.build()?;
+    let mut rows = Vec::new();
+    let mut all_ok = true;
+    for cfg in cfgs {
+        let v = cfg.l2_vcpus;
+        let spec = StressSpec {
+            threads: req.threads.unwrap_or(v),
+            iterations: req.iterations,
+            leaf: req.leaf,
+            subleaf: req.subleaf,
+        };
+        let mut notes = Vec::new();
+        if spec.threads > v {
+            notes.push(format!(
+                "{} threads on {v} vCPUs: threads share vCPUs (thread i runs on vCPU i mod {v})",
+                spec.threads
+            ));
+        }
+        let one = Lab {
+            cfg,
+            repo: lab.repo.clone(),
+            artifacts: lab.artifacts.clone(),
+            l1_cmdline: lab.l1_cmdline.clone(),
+        };
+        crate::progress::note(
+            "stress",
+            format!(
+                "{v} vCPU(s), {} threads x {} CPUID({:#x})",
+                spec.threads, spec.iterations, spec.leaf
+            ),
+        );
+        let job = l2_vm(
+            &one.cfg,
+            vec![],
+            vec![
+                Step::Checkpoint {
+                    tag: "before".into(),
+                },
+                Step::Run { argv: spec.argv() },
+                Step::Checkpoint {
+                    tag: "after".into(),
+                },
+            ],
+        );
+        let run = one.run(&p, "stress", &job, &[], |_| {})?;
+        let prog = run.programs(Level::L2).pop();
+        let report = prog
+            .as_ref()
+            .and_then(|pr| pr.stdout.lines().last())
+            .and_then(|l| StressReport::from_json(l).ok());
+        let stats = run.stats();
+        let mut checks = vec![Check::new(
+            "ran",
+            report.is_some() && run.done_ok(Level::L2),
+            match (&prog, &report) {
+                (Some(_), Some(_)) => "the stress program ran and reported".to_string(),
+                (Some(pr), None) => format!(
+                    "the stress program ended with {} and no report: {}",
+                    pr.status.map_or("no status".into(), |s| s.to_string()),
+                    pr.stderr.trim()
+                ),
+                (None, _) => format!(
+                    "the stress program did not run: {}",
+                    run.failures().join("; ")
+                ),
+            },
+        )];
+        let mut figures = None;
+        if let Some(rep) = &report {
+            let (c, f) = verify::stress_checks(v, rep, stats.get("before"), stats.get("after"));
+            checks.extend(c);
+            figures = Some(f);
+        }
+        let mut results = one.results(&p, "stress", &run, checks);
+        results.readings = report.iter().flat_map(|r| [r.before, r.after]).collect();
+        results.l2 = Some(VmReport {
+            vcpus: v,
+            memory_mib: one.cfg.l2_memory_mib,
+            kernel: run.kernel(Level::L2),
+        });
+        results.stress = figures.clone();
+        results.notes = notes;
+        let path = write_results(&results, &run)?;
+        results.print_summary(&path);
+        println!();
+        all_ok &= results.ok;
+        rows.push((v, results.ok, figures, path));
+    }
+    print_stress_table(&rows);
+    let sweep = lab
+        .cfg
+        .build_dir
+        .join("runs")
+        .join(format!("stress-sweep-{}.yaml", std::process::id()));
+    std::fs::write(&sweep, serde_yaml_ng::to_string(&rows)?)?;
+    println!("sweep:    {}", sweep.display());
+    Ok(if all_ok {
+        0
+    } else {
+        code::SCENARIO_FAILED.into()
+    })
+}
+
+type StressRow = (u32, bool, Option<verify::StressFigures>, PathBuf);
+
+fn print_stress_table(rows: &[StressRow]) {
+    println!(
+        "{:>5} {:>7} {:>10} {:>10} {:>14} {:>12} {:>12}  checks",
+        "vCPUs", "threads", "exits", "exits/s", "exits/s/vCPU", "cycles/exit", "excess"
+    );
+    for (v, ok, f, _) in rows {
+        match f {
+            Some(f) => println!(
+                "{:>5} {:>7} {:>10} {:>10.0} {:>14.0} {:>12.0} {:>12}  {}",
+                v,
+                f.threads,
+                f.exits,
+                f.exits_per_s,
+                f.exits_per_s_per_vcpu,
+                f.cycles_per_exit,
+                f.excess_exits,
+                if *ok { "ok" } else { "FAIL" }
+            ),
+            None => println!("{v:>5} {:>7} (no report)  FAIL", "-"),
+        }
+    }
 }
 
 /// Where the repository is: `--repo`, else the one labctl was built from.

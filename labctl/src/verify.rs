@@ -1,8 +1,11 @@
 //! Stage 6 of the pipeline, verification: named checks on what the guest read and what
 //! KVM's own statistics say.
 
+use std::collections::BTreeMap;
+
 use exitlab_proto::leaf::ExitStats;
 use exitlab_proto::msg::{VmStats, STAT_EXITS, STAT_EXIT_CYCLES};
+use exitlab_proto::stress::StressReport;
 use serde::Serialize;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -117,6 +120,182 @@ pub fn lab_checks(
     c
 }
 
+/// Figures of one stress run, for the table and the results file.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StressFigures {
+    pub vcpus: u32,
+    pub threads: u32,
+    pub iterations: u64,
+    /// CPUIDs executed: threads × iterations.
+    pub cpuids: u64,
+    /// Exits between the guest's two readings.
+    pub exits: u64,
+    /// Exits beyond one per CPUID (timer ticks, IPIs, the readings themselves, …).
+    pub excess_exits: i64,
+    pub cycles: u64,
+    pub cycles_per_exit: f64,
+    pub exits_per_s: f64,
+    pub exits_per_s_per_vcpu: f64,
+    /// Exits each vCPU took during the run, by KVM's per-vCPU statistics.
+    pub per_vcpu_exits: Vec<(u32, u64)>,
+}
+
+/// Checks of `labctl stress`. `before`/`after`: KVM's statistics at the checkpoints that
+/// bracket the stress program, while L2 waits (quiescent points).
+///
+/// Relations (exits modulo 2^32): `S_before < g_before <= g_after <= S_after`, cycles
+/// strictly increasing in the same order; the guest's delta is at least one exit per CPUID
+/// and less than two (double counting fails); KVM's delta is at least the guest's; every
+/// vCPU took at least one exit per CPUID of the threads pinned to it.
+pub fn stress_checks(
+    vcpus: u32,
+    report: &StressReport,
+    before: Option<&VmStats>,
+    after: Option<&VmStats>,
+) -> (Vec<Check>, StressFigures) {
+    let spec = report.spec;
+    let cpuids = u64::from(spec.threads) * spec.iterations;
+    let (g0, g1) = (report.before, report.after);
+    let exits = u64::from(g0.exits_until(&g1));
+    let cycles = g1.cycles.wrapping_sub(g0.cycles);
+    let secs = report.wall_ns as f64 / 1e9;
+    let mut per_vcpu_exits = Vec::new();
+    let mut c = Vec::new();
+
+    let pinned = report.threads.len() == spec.threads as usize
+        && report.threads.iter().all(|t| t.cpu_seen == t.cpu_wanted);
+    c.push(Check::new(
+        "pinned",
+        pinned,
+        format!(
+            "{} threads on {} vCPUs (CPU wanted/seen: {})",
+            spec.threads,
+            report.cpus,
+            report
+                .threads
+                .iter()
+                .map(|t| format!("{}/{}", t.cpu_wanted, t.cpu_seen as i64))
+                .collect::<Vec<_>>()
+                .join(" ")
+        ),
+    ));
+    let counted = g1.exits != g0.exits && exits >= cpuids && exits < 2 * cpuids;
+    c.push(Check::new(
+        "exits-per-cpuid",
+        counted,
+        format!(
+            "{exits} exits for {cpuids} CPUIDs ({} x {}): excess {} (must be >= 0 and < {cpuids})",
+            spec.threads,
+            spec.iterations,
+            exits as i64 - cpuids as i64
+        ),
+    ));
+    c.push(Check::new(
+        "cycles-grow",
+        g1.cycles > g0.cycles,
+        format!(
+            "+{} cycles, {:.0} cycles per exit",
+            cycles as i64,
+            if exits > 0 {
+                cycles as f64 / exits as f64
+            } else {
+                0.0
+            }
+        ),
+    ));
+    match (before.and_then(host_totals), after.and_then(host_totals)) {
+        (Some(s0), Some(s1)) => {
+            let (e0, e1) = (s0.exits as u32, s1.exits as u32);
+            let ordered = exits_le(e0.wrapping_add(1), g0.exits)
+                && exits_le(g0.exits, g1.exits)
+                && exits_le(g1.exits, e1)
+                && s0.cycles < g0.cycles
+                && g0.cycles < g1.cycles
+                && g1.cycles < s1.cycles;
+            let host_delta = s1.exits.wrapping_sub(s0.exits);
+            c.push(Check::new(
+                "matches-kvm-stats",
+                ordered && host_delta >= exits,
+                format!(
+                    "KVM: exits {} -> {} (+{host_delta}), exit_cycles {} -> {}; guest: exits {} -> {}, cycles {} -> {}; wanted S0 < g0 <= g1 <= S1 (cycles strictly) and KVM's delta >= the guest's",
+                    s0.exits, s1.exits, s0.cycles, s1.cycles, g0.exits, g1.exits, g0.cycles, g1.cycles
+                ),
+            ));
+        }
+        _ => c.push(Check::new(
+            "matches-kvm-stats",
+            false,
+            "L1 did not report the VM's exits and exit_cycles statistics",
+        )),
+    }
+    if let (Some(b), Some(a)) = (before, after) {
+        let b: BTreeMap<u32, u64> = b
+            .per_vcpu(STAT_EXITS)
+            .into_iter()
+            .filter_map(|(id, v)| Some((id, v?)))
+            .collect();
+        let mut short = Vec::new();
+        for (id, v) in a.per_vcpu(STAT_EXITS) {
+            let delta = v.unwrap_or(0).wrapping_sub(*b.get(&id).unwrap_or(&0));
+            per_vcpu_exits.push((id, delta));
+            let threads_here = report.threads.iter().filter(|t| t.cpu_wanted == id).count() as u64;
+            if delta < threads_here * spec.iterations {
+                short.push(format!(
+                    "vCPU {id}: {delta} < {}",
+                    threads_here * spec.iterations
+                ));
+            }
+        }
+        let complete = per_vcpu_exits.len() == vcpus as usize;
+        c.push(Check::new(
+            "every-vcpu-did-its-share",
+            complete && short.is_empty(),
+            if !complete {
+                format!("KVM reported {} of {vcpus} vCPUs", per_vcpu_exits.len())
+            } else if short.is_empty() {
+                format!(
+                    "exits per vCPU: {}",
+                    per_vcpu_exits
+                        .iter()
+                        .map(|(id, d)| format!("{id}:{d}"))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                )
+            } else {
+                short.join("; ")
+            },
+        ));
+    } else {
+        c.push(Check::new(
+            "every-vcpu-did-its-share",
+            false,
+            "no per-vCPU statistics",
+        ));
+    }
+    let figures = StressFigures {
+        vcpus,
+        threads: spec.threads,
+        iterations: spec.iterations,
+        cpuids,
+        exits,
+        excess_exits: exits as i64 - cpuids as i64,
+        cycles,
+        cycles_per_exit: if exits > 0 {
+            cycles as f64 / exits as f64
+        } else {
+            0.0
+        },
+        exits_per_s: if secs > 0.0 { exits as f64 / secs } else { 0.0 },
+        exits_per_s_per_vcpu: if secs > 0.0 {
+            exits as f64 / secs / f64::from(vcpus.max(1))
+        } else {
+            0.0
+        },
+        per_vcpu_exits,
+    };
+    (c, figures)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -223,5 +402,161 @@ mod tests {
         let lines = vec![r(1, 1).to_string(), r(2, 2).to_string()];
         let c = lab_checks(&lines, &[r(1, 1), r(2, 2)], None, None);
         assert_eq!(failed(&c), ["matches-kvm-stats"]);
+    }
+
+    mod stress {
+        use super::*;
+        use exitlab_proto::stress::{StressSpec, ThreadReport};
+
+        const K: u64 = 1000;
+
+        fn report(vcpus: u32, g0: ExitStats, g1: ExitStats) -> StressReport {
+            StressReport {
+                spec: StressSpec {
+                    threads: vcpus,
+                    iterations: K,
+                    leaf: 0,
+                    subleaf: 0,
+                },
+                cpus: vcpus,
+                before: g0,
+                after: g1,
+                threads: (0..vcpus)
+                    .map(|i| ThreadReport {
+                        index: i,
+                        cpu_wanted: i,
+                        cpu_seen: i,
+                        elapsed_ns: 1_000_000,
+                    })
+                    .collect(),
+                wall_ns: 1_000_000_000,
+            }
+        }
+
+        fn stats(per_vcpu: &[(u64, u64)]) -> VmStats {
+            let vcpus: Vec<VcpuStats> = per_vcpu
+                .iter()
+                .enumerate()
+                .map(|(i, (e, c))| VcpuStats {
+                    id: i as u32,
+                    stats: [
+                        (STAT_EXITS.to_string(), *e),
+                        (STAT_EXIT_CYCLES.to_string(), *c),
+                    ]
+                    .into(),
+                })
+                .collect();
+            VmStats {
+                vm: [
+                    (STAT_EXITS.to_string(), per_vcpu.iter().map(|p| p.0).sum()),
+                    (
+                        STAT_EXIT_CYCLES.to_string(),
+                        per_vcpu.iter().map(|p| p.1).sum(),
+                    ),
+                ]
+                .into(),
+                vcpus,
+            }
+        }
+
+        /// A consistent 4-vCPU run: each vCPU takes K + 50 exits during the run.
+        fn good() -> (StressReport, VmStats, VmStats) {
+            let s0 = stats(&[(1000, 1_000_000); 4]);
+            let s1 = stats(&[(1000 + K + 50, 9_000_000); 4]);
+            let g0 = r(4000 + 10, 4_100_000);
+            let g1 = r((4000 + 4 * K + 150) as u32, 35_000_000);
+            (report(4, g0, g1), s0, s1)
+        }
+
+        fn failed(c: &[Check]) -> Vec<String> {
+            c.iter().filter(|c| !c.ok).map(|c| c.name.clone()).collect()
+        }
+
+        #[test]
+        fn a_consistent_run_passes_and_reports_its_figures() {
+            let (rep, s0, s1) = good();
+            let (c, f) = stress_checks(4, &rep, Some(&s0), Some(&s1));
+            assert!(all_ok(&c), "{c:?}");
+            assert_eq!(f.cpuids, 4 * K);
+            assert_eq!(f.excess_exits, 140);
+            assert_eq!(
+                f.per_vcpu_exits,
+                vec![(0, K + 50), (1, K + 50), (2, K + 50), (3, K + 50)]
+            );
+            assert!((f.exits_per_s - 4140.0).abs() < 1e-6);
+        }
+
+        #[test]
+        fn lost_updates_fail() {
+            let (mut rep, s0, s1) = good();
+            rep.after.exits = rep.before.exits + (4 * K - 7) as u32;
+            let (c, _) = stress_checks(4, &rep, Some(&s0), Some(&s1));
+            assert_eq!(failed(&c), ["exits-per-cpuid"]);
+        }
+
+        #[test]
+        fn double_counting_fails() {
+            let (mut rep, s0, mut s1) = good();
+            rep.after.exits = rep.before.exits + (8 * K) as u32;
+            s1.vm.insert(STAT_EXITS.into(), 20_000);
+            let (c, _) = stress_checks(4, &rep, Some(&s0), Some(&s1));
+            assert_eq!(failed(&c), ["exits-per-cpuid"]);
+        }
+
+        #[test]
+        fn torn_high_and_low_halves_fail() {
+            let s0 = stats(&[(1000, 0xFFFF_0000)]);
+            let s1 = stats(&[(1000 + K + 10, 0x1_0001_0000)]);
+            let g0 = r(1001, 0xFFFF_FF00);
+            // True value 0x1_0000_0100: old high with new low, and new high with old low.
+            for torn in [0x0000_0100u64, 0x1_FFFF_FF00] {
+                let rep = report(1, g0, r(1000 + K as u32 + 5, torn));
+                let (c, _) = stress_checks(1, &rep, Some(&s0), Some(&s1));
+                assert!(
+                    failed(&c).contains(&"matches-kvm-stats".to_string()),
+                    "{torn:#x}: {c:?}"
+                );
+            }
+        }
+
+        #[test]
+        fn a_counter_going_backwards_fails() {
+            let (mut rep, s0, s1) = good();
+            std::mem::swap(&mut rep.before, &mut rep.after);
+            let (c, _) = stress_checks(4, &rep, Some(&s0), Some(&s1));
+            let f = failed(&c);
+            assert!(f.contains(&"exits-per-cpuid".to_string()), "{f:?}");
+            assert!(f.contains(&"cycles-grow".to_string()), "{f:?}");
+            assert!(f.contains(&"matches-kvm-stats".to_string()), "{f:?}");
+        }
+
+        #[test]
+        fn host_and_guest_disagreeing_fails() {
+            let (rep, s0, mut s1) = good();
+            // KVM says fewer exits happened than the guest saw.
+            s1.vm.insert(STAT_EXITS.into(), 4000 + 4 * K);
+            let (c, _) = stress_checks(4, &rep, Some(&s0), Some(&s1));
+            assert_eq!(failed(&c), ["matches-kvm-stats"]);
+        }
+
+        #[test]
+        fn unpinned_threads_and_idle_vcpus_fail() {
+            let (mut rep, s0, mut s1) = good();
+            rep.threads[2].cpu_seen = 0;
+            s1.vcpus[3].stats.insert(STAT_EXITS.into(), 1000 + 10);
+            let (c, _) = stress_checks(4, &rep, Some(&s0), Some(&s1));
+            assert_eq!(failed(&c), ["pinned", "every-vcpu-did-its-share"]);
+        }
+
+        #[test]
+        fn accounting_off_fails_loudly() {
+            let s0 = stats(&[(1000, 0)]);
+            let s1 = stats(&[(1000 + K + 10, 0)]);
+            let rep = report(1, r(0, 0), r(0, 0));
+            let (c, _) = stress_checks(1, &rep, Some(&s0), Some(&s1));
+            let f = failed(&c);
+            assert!(f.contains(&"exits-per-cpuid".to_string()), "{f:?}");
+            assert!(f.contains(&"cycles-grow".to_string()), "{f:?}");
+        }
     }
 }

@@ -472,3 +472,141 @@ fn a_killed_qemu_is_reported_as_a_crash_with_its_logs() {
     assert!(rest.contains("signal: 9"), "{rest}");
     assert!(rest.contains("l1-console.log"), "{rest}");
 }
+
+/// One row of the stress table: vCPUs, threads, exits, excess, checks.
+fn stress_rows(out: &str) -> Vec<(u32, u32, u64, i64, String)> {
+    let mut lines = out.lines().skip_while(|l| !l.starts_with("vCPUs threads"));
+    lines.next();
+    lines
+        .take_while(|l| !l.starts_with("sweep:"))
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (
+                f[0].parse().unwrap(),
+                f[1].parse().unwrap(),
+                f[2].parse().unwrap(),
+                f[6].parse().unwrap(),
+                f[7].to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn stress_at_1_and_4_vcpus_is_exact() {
+    let _g = lab_lock();
+    let k: u64 = 5000;
+    let o = labctl(&["stress", "--vcpus", "1,4", "--iterations", &k.to_string()]);
+    assert_eq!(code(&o), 0, "stress checks failed");
+    let out = stdout(&o);
+    let rows = stress_rows(&out);
+    assert_eq!(rows.len(), 2, "{out}");
+    for (vcpus, threads, exits, excess, checks) in rows {
+        assert_eq!(threads, vcpus);
+        assert!(exits >= u64::from(threads) * k, "{exits} exits");
+        assert_eq!(excess, exits as i64 - (u64::from(threads) * k) as i64);
+        assert!(excess < (u64::from(threads) * k) as i64);
+        assert_eq!(checks, "ok");
+    }
+    for name in [
+        "pinned",
+        "exits-per-cpuid",
+        "cycles-grow",
+        "matches-kvm-stats",
+        "every-vcpu-did-its-share",
+    ] {
+        assert_eq!(
+            out.lines()
+                .filter(|l| l.starts_with(&format!("check {name} ")) && l.contains(" ok "))
+                .count(),
+            2,
+            "{name}: {out}"
+        );
+    }
+    // Every one of the 4 vCPUs took at least its thread's CPUIDs, by KVM's own count.
+    let share = out
+        .lines()
+        .filter(|l| l.starts_with("check every-vcpu-did-its-share"))
+        .last()
+        .unwrap();
+    let per: Vec<u64> = share
+        .split("exits per vCPU: ")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .map(|p| p.split(':').nth(1).unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(per.len(), 4, "{share}");
+    assert!(per.iter().all(|&e| e >= k), "{share}");
+}
+
+#[test]
+fn stress_fails_loudly_with_accounting_off() {
+    let _g = lab_lock();
+    let o = labctl(&[
+        "stress",
+        "--vcpus",
+        "2",
+        "--iterations",
+        "2000",
+        "--l1-cmdline",
+        "kvm.exit_accounting=0",
+    ]);
+    assert_eq!(code(&o), 1);
+    let out = stdout(&o);
+    assert!(out.contains("check exits-per-cpuid      FAIL"), "{out}");
+    assert!(out.contains("check matches-kvm-stats    FAIL"), "{out}");
+}
+
+#[test]
+fn stress_allows_more_threads_than_vcpus_and_says_so() {
+    let _g = lab_lock();
+    let o = labctl(&[
+        "stress",
+        "--vcpus",
+        "1",
+        "--threads",
+        "3",
+        "--iterations",
+        "1000",
+    ]);
+    assert_eq!(code(&o), 0);
+    let out = stdout(&o);
+    assert!(
+        out.contains("note:     3 threads on 1 vCPUs: threads share vCPUs"),
+        "{out}"
+    );
+    let rows = stress_rows(&out);
+    assert_eq!(rows[0].1, 3);
+    assert!(rows[0].2 >= 3000);
+}
+
+#[test]
+fn stress_rejects_bad_input() {
+    for (args, msg) in [
+        (vec!["stress", "--vcpus", "0"], "the lab supports 1 to 16"),
+        (
+            vec!["stress", "--vcpus", "1,2,99"],
+            "the lab supports 1 to 16",
+        ),
+        (vec!["stress", "--vcpus", "two"], "give vCPU counts like"),
+        (vec!["stress", "--iterations", "0"], "--iterations 0"),
+        (
+            vec!["stress", "--threads", "0"],
+            "--threads must be at least 1",
+        ),
+        (
+            vec!["stress", "--leaf", "0x1FFFFFFFF"],
+            "does not fit in 32 bits",
+        ),
+        (vec!["stress", "--leaf", "cpuid"], "is not a number"),
+        (
+            vec!["stress", "--iterations", "1000000000"],
+            "more than the",
+        ),
+    ] {
+        let o = labctl(&args);
+        assert_eq!(code(&o), 2, "{args:?}");
+        assert!(stderr(&o).contains(msg), "{args:?}: {}", stderr(&o));
+    }
+}

@@ -11,6 +11,7 @@ pub mod cpio;
 pub mod job;
 pub mod leaf;
 pub mod msg;
+pub mod stress;
 pub mod vm;
 
 pub use leaf::{ExitStats, LEAF};
