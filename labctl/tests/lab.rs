@@ -526,8 +526,7 @@ fn stress_at_1_and_4_vcpus_is_exact() {
     // Every one of the 4 vCPUs took at least its thread's CPUIDs, by KVM's own count.
     let share = out
         .lines()
-        .filter(|l| l.starts_with("check every-vcpu-did-its-share"))
-        .last()
+        .rfind(|l| l.starts_with("check every-vcpu-did-its-share"))
         .unwrap();
     let per: Vec<u64> = share
         .split("exits per vCPU: ")
