@@ -28,6 +28,10 @@ use crate::port::{self, Sender};
 
 const L2_SOCKET: &str = "/run/l2-proto.sock";
 const L2_QMP: &str = "/run/l2-qmp.sock";
+/// L2's CPU: the host's (L1's) CPU without XSAVE. Under TCG's emulated SVM, the XSAVE
+/// state KVM exposes to L2 is inconsistent: L2 warned "XSAVE consistency problem" on most
+/// boots, and some boots crashed L2 or reset L1. L2 needs no AVX; FXSAVE is enough.
+const L2_CPU: &str = "host,xsave=off";
 const L2_INITRD: &str = "/tmp/l2-initrd.cpio";
 /// How long L2's QEMU gets to connect to the protocol socket.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -245,7 +249,7 @@ fn run_vm(vm: &VmJob, tx: &Sender) -> Result<bool> {
         qemu: vm::l1::QEMU.into(),
         firmware_dir: Some(vm::l1::FIRMWARE_DIR.into()),
         accel: Accel::Kvm,
-        cpu: "host".into(),
+        cpu: L2_CPU.into(),
         vcpus: vm.vcpus,
         memory_mib: vm.memory_mib,
         kernel: vm::l1::KERNEL.into(),
