@@ -137,6 +137,14 @@ fn run(level: Level, tx: &Sender, reader: File) -> Result<bool> {
                 port::wait_resume(&mut reader)?;
                 true
             }
+            Step::SetKvmParam { name, value } => {
+                tx.send(&Msg::SetKvmParam {
+                    name: name.clone(),
+                    value: value.clone(),
+                });
+                port::wait_resume(&mut reader)?;
+                true
+            }
             Step::Vm(vm) => run_vm(vm, tx)?,
         };
         if !ok {
@@ -368,6 +376,20 @@ fn relay_l2(stream: UnixStream, pid: i32, tx: &Sender) -> Result<bool> {
                 let vm = stats.read().context("reading the L2 VM's KVM statistics")?;
                 tx.send(&Msg::KvmStats { tag, vm });
                 to_l2.write_all(Msg::Resume.to_line().as_bytes())?;
+            }
+            Msg::SetKvmParam { name, value } => {
+                let reply = match exitlab_proto::job::kvm_param_path(&name) {
+                    None => Msg::Refused {
+                        error: format!("{name:?} is not a parameter name"),
+                    },
+                    Some(path) => match fs::write(&path, &value) {
+                        Ok(()) => Msg::Resume,
+                        Err(e) => Msg::Refused {
+                            error: format!("writing {value:?} to {path}: {e}"),
+                        },
+                    },
+                };
+                to_l2.write_all(reply.to_line().as_bytes())?;
             }
             Msg::Done { ok, .. } => {
                 if let Ok(vm) = stats.read() {

@@ -47,7 +47,7 @@ pub fn open_tty(path: &str) -> Result<(File, File)> {
     Ok((tty, reader))
 }
 
-/// Waits until the port delivers `Msg::Resume`, ignoring anything else.
+/// Waits until the port delivers `Msg::Resume` (or `Msg::Refused`), ignoring anything else.
 pub fn wait_resume<R: std::io::Read>(reader: &mut BufReader<R>) -> Result<()> {
     let mut line = String::new();
     loop {
@@ -59,8 +59,10 @@ pub fn wait_resume<R: std::io::Read>(reader: &mut BufReader<R>) -> Result<()> {
         {
             anyhow::bail!("protocol port closed while waiting for resume");
         }
-        if let Ok(Msg::Resume) = Msg::from_line(&line) {
-            return Ok(());
+        match Msg::from_line(&line) {
+            Ok(Msg::Resume) => return Ok(()),
+            Ok(Msg::Refused { error }) => anyhow::bail!("L1 refused: {error}"),
+            _ => {}
         }
     }
 }

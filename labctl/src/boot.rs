@@ -171,10 +171,7 @@ pub fn boot(spec: &BootSpec, logs: &RunLogs, mut on_msg: impl FnMut(&Msg)) -> Re
         "boot",
         format!(
             "starting L1 ({}, {} vCPUs, {} MiB); console: {}",
-            match spec.accel.accel {
-                exitlab_proto::vm::Accel::Kvm => "KVM",
-                exitlab_proto::vm::Accel::Tcg => "TCG",
-            },
+            spec.accel.accel.name().to_uppercase(),
             spec.l1_vcpus,
             spec.l1_memory_mib,
             logs.l1_console.display()

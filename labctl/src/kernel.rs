@@ -80,7 +80,8 @@ pub struct PatchInfo {
 pub struct KernelInputs<'a> {
     /// Tarball or tree; None: the distribution's linux-source-6.12 tarball.
     pub source: Option<&'a Path>,
-    pub patches_dir: &'a Path,
+    /// The patch series; None: build the source unpatched (the benchmark's baseline).
+    pub patches_dir: Option<&'a Path>,
     pub config_fragment: &'a Path,
 }
 
@@ -136,7 +137,10 @@ pub fn build(dirs: &KernelDirs, inputs: &KernelInputs) -> Result<BuildInfo> {
     fs::create_dir_all(&dirs.root)?;
     prepare_source(dirs, &source)?;
     let version = kernel_version(&dirs.src())?;
-    let patches = series(inputs.patches_dir)?;
+    let patches = match inputs.patches_dir {
+        Some(dir) => series(dir)?,
+        None => vec![],
+    };
     sync_patches(dirs, &patches)?;
     configure(dirs, inputs.config_fragment)?;
     make_bzimage(dirs)?;

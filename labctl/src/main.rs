@@ -5,6 +5,7 @@
 //! Pipeline, one module per stage: config → kernel → images → boot → scenario → verify → report.
 
 mod accel;
+mod bench;
 mod boot;
 mod config;
 mod doctor;
@@ -53,6 +54,9 @@ enum Command {
     Selftest(LabArgs),
     /// CPUID stress from one or more vCPUs at once, checked against KVM's statistics.
     Stress(StressArgs),
+    /// Benchmarks: the exit accounting's cost, its scaling, the lab's turnaround.
+    #[command(subcommand)]
+    Bench(BenchCommand),
     /// The kernel quality gate: checkpatch --strict on every patch, make W=1 arch/x86/kvm.
     KernelCheck(LabArgs),
     /// List what the lab needs from this machine, and how to install what is missing.
@@ -114,6 +118,53 @@ struct VcpuList(Vec<u32>);
 
 fn vcpu_list(s: &str) -> Result<VcpuList, String> {
     scenario::parse_vcpu_list(s).map(VcpuList)
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Instructions per CPUID exit round trip (L1 under -icount): accounting on, off,
+    /// unpatched, and the leaf query with 1 and many vCPUs. Checks the README's goals.
+    ExitCost(ExitCostArgs),
+    /// Exits/s with 1, 2, 4 L2 vCPUs, accounting on vs off (wall clock: noisy).
+    Scaling(ScalingArgs),
+    /// Cold build, rebuild after touching a KVM file, and `labctl lab` boot-to-result.
+    Turnaround(LabArgs),
+}
+
+#[derive(Args)]
+struct ExitCostArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// CPUIDs per measurement.
+    #[arg(long, value_name = "M", default_value = "20000", value_parser = parse_count)]
+    count: u64,
+    /// Measurements per variant (at least 2).
+    #[arg(long, value_name = "R", default_value = "5")]
+    repeats: u32,
+    /// The unpatched bzImage to compare with (default: build it from the same source).
+    #[arg(long, value_name = "BZIMAGE", conflicts_with = "no_baseline")]
+    baseline: Option<PathBuf>,
+    /// Skip the unpatched comparison.
+    #[arg(long)]
+    no_baseline: bool,
+    /// vCPUs of the VM for the many-vCPU leaf query cost (0 skips it).
+    #[arg(long, value_name = "N", default_value = "8")]
+    wide_vcpus: u32,
+}
+
+#[derive(Args)]
+struct ScalingArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// L2 vCPU counts.
+    #[arg(long, value_name = "N[,N...]", value_parser = vcpu_list, default_value = "1,2,4")]
+    vcpus: VcpuList,
+    /// CPUIDs per thread per run.
+    #[arg(long, value_name = "K", default_value = "10000", value_parser = parse_count)]
+    iterations: u64,
+    /// Runs per vCPU count and accounting setting.
+    #[arg(long, value_name = "R", default_value = "3")]
+    repeats: u32,
 }
 
 #[derive(Args)]
@@ -270,6 +321,48 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                     subleaf: st.subleaf,
                 },
             )
+        }
+        Command::Bench(BenchCommand::ExitCost(b)) => {
+            if let Some(f) = &b.baseline {
+                if !f.is_file() {
+                    return Err(error::setup(format!(
+                        "--baseline {}: no such file",
+                        f.display()
+                    )));
+                }
+            }
+            let lab = lab_from(
+                cli.config,
+                cli.repo,
+                LabArgs {
+                    common: b.common,
+                    vcpus: None,
+                },
+            )?;
+            bench::exit_cost(
+                &lab,
+                &bench::ExitCostRequest {
+                    count: b.count,
+                    repeats: b.repeats,
+                    baseline: b.baseline,
+                    no_baseline: b.no_baseline,
+                    wide_vcpus: b.wide_vcpus,
+                },
+            )
+        }
+        Command::Bench(BenchCommand::Scaling(b)) => {
+            let lab = lab_from(
+                cli.config,
+                cli.repo,
+                LabArgs {
+                    common: b.common,
+                    vcpus: None,
+                },
+            )?;
+            bench::scaling(&lab, &b.vcpus.0, b.iterations, b.repeats)
+        }
+        Command::Bench(BenchCommand::Turnaround(a)) => {
+            bench::turnaround(&lab_from(cli.config, cli.repo, a)?)
         }
         Command::Exec(e) => {
             let lab = lab_from(cli.config, cli.repo, e.lab)?;

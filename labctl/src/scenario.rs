@@ -61,7 +61,7 @@ impl Lab {
                     &dirs,
                     &KernelInputs {
                         source: self.cfg.kernel_src.as_deref(),
-                        patches_dir: &patches,
+                        patches_dir: Some(&patches),
                         config_fragment: &fragment,
                     },
                 )?;
@@ -135,10 +135,7 @@ impl Lab {
             exit_code: if ok { 0 } else { code::SCENARIO_FAILED.into() },
             kernel: p.build.clone(),
             accel: AccelReport {
-                kind: match p.accel.accel {
-                    exitlab_proto::vm::Accel::Kvm => "kvm".into(),
-                    exitlab_proto::vm::Accel::Tcg => "tcg".into(),
-                },
+                kind: p.accel.accel.name().into(),
                 cpu: p.accel.cpu.clone(),
                 reason: p.accel.reason.clone(),
             },
@@ -280,7 +277,7 @@ pub fn stream_output(level: Level) -> impl FnMut(&Msg) {
     }
 }
 
-fn l2_vm(cfg: &LabConfig, files: Vec<String>, steps: Vec<Step>) -> Job {
+pub(crate) fn l2_vm(cfg: &LabConfig, files: Vec<String>, steps: Vec<Step>) -> Job {
     Job {
         level: Level::L1,
         steps: vec![Step::Vm(VmJob {

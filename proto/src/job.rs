@@ -46,6 +46,9 @@ pub enum Step {
     Write { path: String, value: String },
     /// L2 only: have L1 report the KVM statistics of this VM now, and wait until it has.
     Checkpoint { tag: String },
+    /// L2 only: have L1 set one of its `kvm` module parameters
+    /// (`/sys/module/kvm/parameters/<name>`), e.g. `exit_accounting`, and wait until it has.
+    SetKvmParam { name: String, value: String },
     /// L1 only: boot an L2 VM on the patched KVM and run its job there.
     Vm(VmJob),
 }
@@ -74,6 +77,8 @@ pub enum JobError {
     },
     #[error("step {0}: empty argv")]
     EmptyArgv(usize),
+    #[error("step {index}: {name:?} is not a kvm module parameter name")]
+    BadParam { index: usize, name: String },
 }
 
 impl Job {
@@ -102,6 +107,15 @@ impl Job {
                 Step::Checkpoint { .. } if level != Level::L2 => {
                     return Err(misplaced("checkpoint"))
                 }
+                Step::SetKvmParam { .. } if level != Level::L2 => {
+                    return Err(misplaced("set_kvm_param"))
+                }
+                Step::SetKvmParam { name, .. } if !is_param_name(name) => {
+                    return Err(JobError::BadParam {
+                        index,
+                        name: name.clone(),
+                    })
+                }
                 Step::Vm(vm) => {
                     if level != Level::L1 {
                         return Err(misplaced("vm"));
@@ -113,6 +127,20 @@ impl Job {
         }
         Ok(())
     }
+}
+
+/// A module parameter name: lowercase letters, digits and `_` (so it cannot escape
+/// `/sys/module/kvm/parameters`).
+pub fn is_param_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
+/// Where L1 writes a [`Step::SetKvmParam`].
+pub fn kvm_param_path(name: &str) -> Option<String> {
+    is_param_name(name).then(|| format!("/sys/module/kvm/parameters/{name}"))
 }
 
 #[cfg(test)]
@@ -168,6 +196,28 @@ mod tests {
             empty.validate(Level::L1),
             Err(JobError::EmptyArgv(0))
         ));
+    }
+
+    #[test]
+    fn kvm_params_are_names_not_paths() {
+        assert_eq!(
+            kvm_param_path("exit_accounting").as_deref(),
+            Some("/sys/module/kvm/parameters/exit_accounting")
+        );
+        for bad in ["", "../../../etc/passwd", "Exit", "a/b", "a b"] {
+            assert_eq!(kvm_param_path(bad), None, "{bad:?}");
+            let job = Job {
+                level: Level::L2,
+                steps: vec![Step::SetKvmParam {
+                    name: bad.into(),
+                    value: "N".into(),
+                }],
+            };
+            assert!(matches!(
+                job.validate(Level::L2),
+                Err(JobError::BadParam { .. })
+            ));
+        }
     }
 
     #[test]

@@ -132,8 +132,12 @@ pub enum Msg {
     Console { level: Level, line: String },
     /// L2 → L1: report this VM's KVM statistics now; L2 waits for [`Msg::Resume`].
     Checkpoint { tag: String },
-    /// L1 → L2: the checkpoint was taken.
+    /// L2 → L1: set a kvm module parameter (see `Step::SetKvmParam`); L2 waits.
+    SetKvmParam { name: String, value: String },
+    /// L1 → L2: the checkpoint was taken, or the parameter set.
     Resume,
+    /// L1 → L2: the request could not be carried out.
+    Refused { error: String },
     /// L1 → host: the statistics of the L2 VM at a checkpoint (or when it ended).
     KvmStats { tag: String, vm: VmStats },
     /// A step could not be carried out; the job stops.

@@ -23,7 +23,22 @@ pub const PROTO_TTY: &str = "/dev/ttyS1";
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Accel {
     Kvm,
+    /// Multi-threaded TCG: one host thread per vCPU.
     Tcg,
+    /// Single-threaded TCG with `-icount shift=0,sleep=off`: the guest's clock advances
+    /// exactly 1 ns per executed instruction, so durations count instructions.
+    TcgIcount,
+}
+
+impl Accel {
+    /// Short name, as results files report it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+            Accel::TcgIcount => "tcg-icount",
+        }
+    }
 }
 
 /// Where a serial port's bytes go.
@@ -98,7 +113,11 @@ impl VmSpec {
         let (accel, machine) = match self.accel {
             Accel::Kvm => ("kvm", "pc"),
             Accel::Tcg => ("tcg,thread=multi", "pc"),
+            Accel::TcgIcount => ("tcg,thread=single", "pc"),
         };
+        if self.accel == Accel::TcgIcount {
+            a.extend(["-icount".into(), "shift=0,sleep=off".into()]);
+        }
         a.extend([
             "-machine".into(),
             machine.into(),
