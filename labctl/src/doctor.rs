@@ -137,10 +137,16 @@ fn is_executable(p: &Path) -> bool {
         .unwrap_or(false)
 }
 
+/// Finds QEMU firmware: next to the QEMU on PATH (`<prefix>/bin/..` → `<prefix>/share/qemu`,
+/// as in Nix or a source install), then in the distribution's directories.
 pub fn find_firmware(name: &str) -> Option<PathBuf> {
-    FIRMWARE_SEARCH
-        .iter()
-        .map(|d| Path::new(d).join(name))
+    let beside_qemu = which("qemu-system-x86_64")
+        .and_then(|q| q.canonicalize().ok())
+        .and_then(|q| q.parent()?.parent().map(|p| p.join("share/qemu")));
+    beside_qemu
+        .into_iter()
+        .chain(FIRMWARE_SEARCH.iter().map(PathBuf::from))
+        .map(|d| d.join(name))
         .find(|p| p.is_file())
 }
 

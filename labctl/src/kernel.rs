@@ -144,7 +144,10 @@ pub fn build(dirs: &KernelDirs, inputs: &KernelInputs) -> Result<BuildInfo> {
     sync_patches(dirs, &patches)?;
     configure(dirs, inputs.config_fragment)?;
     make_bzimage(dirs)?;
-    build_selftest(dirs)?;
+    if inputs.patches_dir.is_some() {
+        // The selftest is part of the series; an unpatched baseline has none.
+        build_selftest(dirs)?;
+    }
     let info = BuildInfo {
         source: source.display().to_string(),
         version,

@@ -609,3 +609,42 @@ fn stress_rejects_bad_input() {
         assert!(stderr(&o).contains(msg), "{args:?}: {}", stderr(&o));
     }
 }
+
+#[test]
+fn exit_cost_is_deterministic_and_accounting_is_cheap() {
+    let _g = lab_lock();
+    let o = labctl(&[
+        "bench",
+        "exit-cost",
+        "--no-baseline",
+        "--wide-vcpus",
+        "0",
+        "--repeats",
+        "2",
+    ]);
+    assert_eq!(code(&o), 0, "exit-cost checks failed");
+    let y = results(&o);
+    assert_eq!(
+        y["schema"].as_str(),
+        Some("kvm-exit-lab/bench-exit-cost/v1")
+    );
+    let variants = y["variants"].as_sequence().unwrap();
+    let median = |name: &str| {
+        variants
+            .iter()
+            .find(|v| v["name"].as_str() == Some(name))
+            .unwrap()["median"]
+            .as_f64()
+            .unwrap()
+    };
+    let (on, off, query) = (median("on"), median("off"), median("query"));
+    // Hundreds to thousands of L1 instructions per round trip, not noise around zero.
+    assert!(off > 500.0, "{off}");
+    // Accounting adds instructions, but at most 0.5 % per exit.
+    assert!(on >= off && on <= off * 1.005, "on {on}, off {off}");
+    // The query itself is answered by KVM: it costs more than a plain leaf.
+    assert!(query > on, "query {query}, on {on}");
+    for v in variants {
+        assert!(v["spread_pct"].as_f64().unwrap() <= 0.2, "{v:?}");
+    }
+}

@@ -1,0 +1,150 @@
+{
+  description = "kvm-exit-lab: a KVM patch that answers CPUID 0x4FFFFFFF with the VM's exit count and exit cycles, and the nested lab that builds, boots and measures it";
+
+  inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-25.05";
+
+  outputs = { self, nixpkgs }:
+    let
+      system = "x86_64-linux";
+      pkgs = nixpkgs.legacyPackages.${system};
+      inherit (pkgs) lib;
+
+      # The kernel the patches target: nixpkgs' Linux 6.12 (the series was made on 6.12.117).
+      linux = pkgs.linux_6_12;
+      kernelPatches = map (name: ./kernel/patches + "/${name}")
+        (lib.sort lib.lessThan
+          (lib.filter (lib.hasSuffix ".patch")
+            (builtins.attrNames (builtins.readDir ./kernel/patches))));
+
+      # QEMU for x86 hosts only: runs L1, and is copied into L1 to run L2.
+      qemu = pkgs.qemu_kvm;
+
+      src = lib.fileset.toSource {
+        root = ./.;
+        fileset = lib.fileset.unions [
+          ./Cargo.toml
+          ./Cargo.lock
+          ./proto
+          ./guest
+          ./labctl
+          ./kernel
+        ];
+      };
+
+      rustPackage = rustPlatform: pname: extra: rustPlatform.buildRustPackage ({
+        inherit pname src;
+        version = "0.1.0";
+        cargoLock.lockFile = ./Cargo.lock;
+        cargoBuildFlags = [ "-p" pname ];
+        # The unit tests run in checks.unit-tests; the end-to-end tests boot VMs.
+        doCheck = false;
+      } // extra);
+
+      labctl = rustPackage pkgs.rustPlatform "labctl" { };
+
+      # Static (musl) guest programs: lab-init (PID 1 of both images), test_assignment2,
+      # stress. L1's init assembles L2's initramfs from them at run time.
+      guest = rustPackage pkgs.pkgsStatic.rustPlatform "exitlab-guest" { };
+
+      # tinyconfig + kernel/lab.config, as `labctl build` does; any option the fragment
+      # asks for that olddefconfig drops fails the build (no ignoreConfigErrors).
+      kernel = pkgs.stdenv.mkDerivation {
+        pname = "linux-kvm-exit-lab";
+        inherit (linux) version src;
+        patches = kernelPatches;
+        nativeBuildInputs = with pkgs; [ bc bison flex perl elfutils openssl python3 ];
+        postPatch = ''
+          patchShebangs scripts tools
+        '';
+        configurePhase = ''
+          runHook preConfigure
+          make O=build tinyconfig
+          scripts/kconfig/merge_config.sh -m -O build build/.config ${./kernel/lab.config}
+          make O=build olddefconfig
+          dropped=0
+          while IFS= read -r opt; do
+            case "$opt" in
+              CONFIG_*=*)
+                if ! grep -qxF "$opt" build/.config; then
+                  echo "kernel/lab.config: $opt did not survive olddefconfig" >&2
+                  dropped=1
+                fi ;;
+            esac
+          done < ${./kernel/lab.config}
+          test "$dropped" = 0
+          runHook postConfigure
+        '';
+        buildPhase = ''
+          runHook preBuild
+          make O=build -j$NIX_BUILD_CORES bzImage
+          make O=build headers_install INSTALL_HDR_PATH=$PWD/build/usr
+          make -C tools/testing/selftests/kvm -j$NIX_BUILD_CORES \
+            OUTPUT=$PWD/build/selftests LINUX_HDR_PATH=$PWD/build/usr/include/ \
+            $PWD/build/selftests/x86_64/exit_stats_test
+          runHook postBuild
+        '';
+        installPhase = ''
+          install -Dm644 build/arch/x86/boot/bzImage $out/bzImage
+          install -Dm755 build/selftests/x86_64/exit_stats_test $out/exit_stats_test
+          install -Dm644 build/.config $out/config
+        '';
+        meta.description = "Linux ${linux.version} with kernel/patches, configured as the lab's L1/L2 kernel";
+      };
+
+      # The L1 initramfs, assembled by labctl from the Nix-built pieces.
+      labImage = pkgs.runCommand "kvm-exit-lab-l1-image"
+        { nativeBuildInputs = [ labctl qemu pkgs.glibc.bin ]; }
+        ''
+          labctl build --accel tcg \
+            --kernel ${kernel}/bzImage \
+            --selftest ${kernel}/exit_stats_test \
+            --guest-dir ${guest}/bin \
+            --build-dir $out
+          test -f $out/images/l1-base.cpio
+        '';
+
+      # `nix run .#lab`: labctl lab on the Nix-built artifacts, with Nix's QEMU.
+      lab = pkgs.writeShellApplication {
+        name = "kvm-exit-lab";
+        runtimeInputs = [ labctl qemu ];
+        text = ''
+          exec labctl lab \
+            --kernel ${kernel}/bzImage \
+            --selftest ${kernel}/exit_stats_test \
+            --l1-image ${labImage}/images/l1-base.cpio \
+            --build-dir "''${XDG_CACHE_HOME:-$HOME/.cache}/kvm-exit-lab" \
+            "$@"
+        '';
+      };
+    in
+    {
+      packages.${system} = {
+        inherit kernel labctl;
+        guest-image = guest;
+        lab-image = labImage;
+        default = lab;
+      };
+
+      apps.${system} = {
+        lab = {
+          type = "app";
+          program = "${lab}/bin/kvm-exit-lab";
+        };
+        default = self.apps.${system}.lab;
+      };
+
+      devShells.${system}.default = pkgs.mkShell {
+        packages = with pkgs; [
+          cargo rustc clippy rustfmt
+          qemu
+          gnumake gcc bc bison flex perl elfutils openssl patch xz
+        ];
+      };
+
+      checks.${system}.unit-tests = labctl.overrideAttrs (old: {
+        pname = "kvm-exit-lab-unit-tests";
+        doCheck = true;
+        cargoTestFlags = [ "--workspace" "--lib" "--bins" ];
+      });
+    };
+}
