@@ -21,7 +21,9 @@ fn flake() -> String {
 /// The labctl command line that starts at the line containing `start`, with its
 /// backslash-continued lines, as words.
 fn invocation(text: &str, start: &str) -> Vec<String> {
-    let mut lines = text.lines().skip_while(|l| !l.trim_start().starts_with(start));
+    let mut lines = text
+        .lines()
+        .skip_while(|l| !l.trim_start().starts_with(start));
     let mut words = Vec::new();
     for l in lines.by_ref() {
         let l = l.trim();
