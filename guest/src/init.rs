@@ -262,7 +262,7 @@ fn run_vm(vm: &VmJob, tx: &Sender) -> Result<bool> {
         memory_mib: vm.memory_mib,
         kernel: vm::l1::KERNEL.into(),
         initrd: L2_INITRD.into(),
-        append: vm::kernel_cmdline("EXITLAB_LEVEL=l2"),
+        append: vm::kernel_cmdline(&format!("EXITLAB_LEVEL=l2 {}", vm.kernel_args)),
         console: Chardev::Stdio,
         proto: Chardev::Socket(L2_SOCKET.into()),
         extra: vec!["-qmp".into(), format!("unix:{L2_QMP},server=on,wait=off")],

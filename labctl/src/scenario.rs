@@ -278,12 +278,22 @@ pub fn stream_output(level: Level) -> impl FnMut(&Msg) {
 }
 
 pub(crate) fn l2_vm(cfg: &LabConfig, files: Vec<String>, steps: Vec<Step>) -> Job {
+    l2_vm_with_args(cfg, files, steps, "")
+}
+
+pub(crate) fn l2_vm_with_args(
+    cfg: &LabConfig,
+    files: Vec<String>,
+    steps: Vec<Step>,
+    kernel_args: &str,
+) -> Job {
     Job {
         level: Level::L1,
         steps: vec![Step::Vm(VmJob {
             vcpus: cfg.l2_vcpus,
             memory_mib: cfg.l2_memory_mib,
             files,
+            kernel_args: kernel_args.into(),
             job: Job {
                 level: Level::L2,
                 steps,

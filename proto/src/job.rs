@@ -60,6 +60,9 @@ pub struct VmJob {
     pub memory_mib: u32,
     /// Names of files under [`FILES_DIR`] of L1 to copy into the L2's [`FILES_DIR`].
     pub files: Vec<String>,
+    /// Extra kernel command line for L2 (e.g. `maxcpus=1`).
+    #[serde(default)]
+    pub kernel_args: String,
     pub job: Job,
 }
 
@@ -154,6 +157,7 @@ mod tests {
                 vcpus: 1,
                 memory_mib: 256,
                 files: vec![],
+                kernel_args: String::new(),
                 job: Job {
                     level: Level::L2,
                     steps: vec![
