@@ -163,13 +163,7 @@ fn boot_and_measure(
     let mut cfg = lab.cfg.clone();
     cfg.l2_vcpus = vcpus;
     cfg.l1_vcpus = 1;
-    cfg.validate()?;
-    let one = Lab {
-        cfg,
-        repo: lab.repo.clone(),
-        artifacts: lab.artifacts.clone(),
-        l1_cmdline: lab.l1_cmdline.clone(),
-    };
+    let one = lab.with_config(cfg)?;
     let prepared = Prepared {
         kernel: kernel.to_path_buf(),
         image: p.image.clone(),
@@ -450,13 +444,7 @@ pub fn scaling(lab: &Lab, sweep: &[u32], iterations: u64, repeats: u32) -> Resul
     for &v in sweep {
         let mut cfg = lab.cfg.clone();
         cfg.l2_vcpus = v;
-        cfg.validate()?;
-        let one = Lab {
-            cfg,
-            repo: lab.repo.clone(),
-            artifacts: lab.artifacts.clone(),
-            l1_cmdline: lab.l1_cmdline.clone(),
-        };
+        let one = lab.with_config(cfg)?;
         let spec = StressSpec {
             threads: v,
             iterations,
@@ -543,12 +531,7 @@ pub fn turnaround(lab: &Lab) -> Result<i32> {
     let _ = std::fs::remove_dir_all(&scratch);
     let mut cold = lab.cfg.clone();
     cold.build_dir = scratch.clone();
-    let cold_lab = Lab {
-        cfg: cold,
-        repo: lab.repo.clone(),
-        artifacts: lab.artifacts.clone(),
-        l1_cmdline: lab.l1_cmdline.clone(),
-    };
+    let cold_lab = lab.with_config(cold)?;
     let t = Instant::now();
     cold_lab.build()?;
     let cold_s = t.elapsed();

@@ -112,6 +112,15 @@ struct LabArgs {
     vcpus: Option<u32>,
 }
 
+impl From<CommonArgs> for LabArgs {
+    fn from(common: CommonArgs) -> Self {
+        LabArgs {
+            common,
+            vcpus: None,
+        }
+    }
+}
+
 /// `--vcpus 1,2,4`.
 #[derive(Debug, Clone)]
 struct VcpuList(Vec<u32>);
@@ -331,14 +340,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                     )));
                 }
             }
-            let lab = lab_from(
-                cli.config,
-                cli.repo,
-                LabArgs {
-                    common: b.common,
-                    vcpus: None,
-                },
-            )?;
+            let lab = lab_from(cli.config, cli.repo, b.common.into())?;
             bench::exit_cost(
                 &lab,
                 &bench::ExitCostRequest {
@@ -351,14 +353,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             )
         }
         Command::Bench(BenchCommand::Scaling(b)) => {
-            let lab = lab_from(
-                cli.config,
-                cli.repo,
-                LabArgs {
-                    common: b.common,
-                    vcpus: None,
-                },
-            )?;
+            let lab = lab_from(cli.config, cli.repo, b.common.into())?;
             bench::scaling(&lab, &b.vcpus.0, b.iterations, b.repeats)
         }
         Command::Bench(BenchCommand::Turnaround(a)) => {

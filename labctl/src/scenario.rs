@@ -40,6 +40,17 @@ pub struct Prepared {
 }
 
 impl Lab {
+    /// The same lab with another configuration, validated (sweeps, benchmarks).
+    pub fn with_config(&self, cfg: LabConfig) -> Result<Lab> {
+        cfg.validate()?;
+        Ok(Lab {
+            cfg,
+            repo: self.repo.clone(),
+            artifacts: self.artifacts.clone(),
+            l1_cmdline: self.l1_cmdline.clone(),
+        })
+    }
+
     fn kernel_inputs(&self) -> (PathBuf, PathBuf) {
         (
             self.repo.join("kernel/patches"),
@@ -556,18 +567,17 @@ pub fn parse_vcpu_list(s: &str) -> Result<Vec<u32>, String> {
 /// counters are checked against KVM's statistics. One boot per vCPU count of the sweep.
 pub fn stress(lab: &Lab, req: &StressRequest) -> Result<i32> {
     req.validate()?;
-    let mut cfgs = Vec::new();
+    let mut labs = Vec::new();
     for &v in &req.sweep {
         let mut cfg = lab.cfg.clone();
         cfg.l2_vcpus = v;
-        cfg.validate()?;
-        cfgs.push(cfg);
+        labs.push(lab.with_config(cfg)?);
     }
     let p = lab.build()?;
     let mut rows = Vec::new();
     let mut all_ok = true;
-    for cfg in cfgs {
-        let v = cfg.l2_vcpus;
+    for one in labs {
+        let v = one.cfg.l2_vcpus;
         let spec = StressSpec {
             threads: req.threads.unwrap_or(v),
             iterations: req.iterations,
@@ -581,12 +591,6 @@ pub fn stress(lab: &Lab, req: &StressRequest) -> Result<i32> {
                 spec.threads
             ));
         }
-        let one = Lab {
-            cfg,
-            repo: lab.repo.clone(),
-            artifacts: lab.artifacts.clone(),
-            l1_cmdline: lab.l1_cmdline.clone(),
-        };
         crate::progress::note(
             "stress",
             format!(
