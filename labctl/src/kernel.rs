@@ -450,7 +450,7 @@ pub fn merge_config(base: &str, fragment: &[(String, String)]) -> String {
         .filter(|l| {
             parse_config(l)
                 .first()
-                .map_or(true, |(k, _)| !keys.contains(k.as_str()))
+                .is_none_or(|(k, _)| !keys.contains(k.as_str()))
         })
         .map(String::from)
         .collect();

@@ -136,6 +136,15 @@ impl Lab {
         })
     }
 
+    /// L2 as configured, and the kernel it reported (None if it never came up).
+    pub fn l2_report(&self, run: &Run) -> VmReport {
+        VmReport {
+            vcpus: self.cfg.l2_vcpus,
+            memory_mib: self.cfg.l2_memory_mib,
+            kernel: run.kernel(Level::L2),
+        }
+    }
+
     /// The results skeleton shared by all scenarios.
     pub fn results(&self, p: &Prepared, scenario: &str, run: &Run, checks: Vec<Check>) -> Results {
         let ok = verify::all_ok(&checks);
@@ -368,11 +377,7 @@ pub fn lab(lab: &Lab) -> Result<i32> {
     ));
     let mut results = lab.results(&p, "lab", &run, checks);
     results.readings = readings;
-    results.l2 = Some(VmReport {
-        vcpus: lab.cfg.l2_vcpus,
-        memory_mib: lab.cfg.l2_memory_mib,
-        kernel: run.kernel(Level::L2),
-    });
+    results.l2 = Some(lab.l2_report(&run));
     let path = write_results(&results, &run)?;
     results.print_summary(&path);
     Ok(results.exit_code)
@@ -415,11 +420,7 @@ pub fn exec(lab: &Lab, files: &[PathBuf], argv: &[String]) -> Result<i32> {
         vec![Check::new("exit-status", code == 0, &detail)],
     );
     results.exit_code = code;
-    results.l2 = Some(VmReport {
-        vcpus: lab.cfg.l2_vcpus,
-        memory_mib: lab.cfg.l2_memory_mib,
-        kernel: run.kernel(Level::L2),
-    });
+    results.l2 = Some(lab.l2_report(&run));
     let path = write_results(&results, &run)?;
     eprintln!("[exec] {detail}; results: {}", path.display());
     if code != 0 {
@@ -642,11 +643,7 @@ pub fn stress(lab: &Lab, req: &StressRequest) -> Result<i32> {
         }
         let mut results = one.results(&p, "stress", &run, checks);
         results.readings = report.iter().flat_map(|r| [r.before, r.after]).collect();
-        results.l2 = Some(VmReport {
-            vcpus: v,
-            memory_mib: one.cfg.l2_memory_mib,
-            kernel: run.kernel(Level::L2),
-        });
+        results.l2 = Some(one.l2_report(&run));
         results.stress = figures.clone();
         results.notes = notes;
         let path = write_results(&results, &run)?;
