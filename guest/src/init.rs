@@ -39,10 +39,12 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
 /// Entry point of the init binary. Never returns.
 pub fn main() -> ! {
     let level = level_from_cmdline();
-    let result = mount_pseudo_filesystems().and_then(|()| port::open_tty(vm::PROTO_TTY));
+    let result = mount_pseudo_filesystems()
+        .and_then(|()| port::open_tty(vm::PROTO_TTY))
+        .and_then(|(tty, reader)| Ok((tty.try_clone()?, tty, reader)));
     match result {
-        Ok((tty, reader)) => {
-            let tx = Sender::new(Box::new(tty.try_clone().expect("dup of the tty")));
+        Ok((writer, tty, reader)) => {
+            let tx = Sender::new(Box::new(writer));
             let ok = match run(level, &tx, reader) {
                 Ok(ok) => ok,
                 Err(e) => {
