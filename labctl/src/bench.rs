@@ -356,12 +356,7 @@ pub fn exit_cost(lab: &Lab, req: &ExitCostRequest) -> Result<i32> {
         checks,
         run_dirs,
     };
-    let path = lab
-        .cfg
-        .build_dir
-        .join("runs")
-        .join(format!("bench-exit-cost-{}.yaml", std::process::id()));
-    std::fs::write(&path, serde_yaml_ng::to_string(&results)?)?;
+    let path = scenario::write_summary(lab, "bench-exit-cost", &results)?;
     println!("results:  {}", path.display());
     Ok(if ok { 0 } else { code::SCENARIO_FAILED.into() })
 }
@@ -514,12 +509,7 @@ pub fn scaling(lab: &Lab, sweep: &[u32], iterations: u64, repeats: u32) -> Resul
         );
     }
     println!("(wall-clock rates of the nested lab under multi-threaded TCG: medians of {repeats} runs; noisy, compare on vs off within a row pair)");
-    let path = lab
-        .cfg
-        .build_dir
-        .join("runs")
-        .join(format!("bench-scaling-{}.yaml", std::process::id()));
-    std::fs::write(&path, serde_yaml_ng::to_string(&(rows, run_dirs))?)?;
+    let path = scenario::write_summary(lab, "bench-scaling", &(rows, run_dirs))?;
     println!("results:  {}", path.display());
     Ok(0)
 }

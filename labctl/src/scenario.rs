@@ -326,6 +326,22 @@ fn guest_program(name: &str) -> Vec<String> {
     vec![format!("{}/{name}", l1::GUEST_BIN_DIR)]
 }
 
+/// Writes a summary of several runs (a sweep, a benchmark) as
+/// `build/runs/<name>-<pid>.yaml`, next to the runs' own directories.
+pub(crate) fn write_summary(
+    lab: &Lab,
+    name: &str,
+    value: &impl serde::Serialize,
+) -> Result<PathBuf> {
+    let path = lab
+        .cfg
+        .build_dir
+        .join("runs")
+        .join(format!("{name}-{}.yaml", std::process::id()));
+    std::fs::write(&path, serde_yaml_ng::to_string(value)?)?;
+    Ok(path)
+}
+
 fn write_results(results: &Results, run: &Run) -> Result<PathBuf> {
     let path = run.dir.join("results.yaml");
     results.write(&path)?;
@@ -653,12 +669,7 @@ pub fn stress(lab: &Lab, req: &StressRequest) -> Result<i32> {
         rows.push((v, results.ok, figures, path));
     }
     print_stress_table(&rows);
-    let sweep = lab
-        .cfg
-        .build_dir
-        .join("runs")
-        .join(format!("stress-sweep-{}.yaml", std::process::id()));
-    std::fs::write(&sweep, serde_yaml_ng::to_string(&rows)?)?;
+    let sweep = write_summary(lab, "stress-sweep", &rows)?;
     println!("sweep:    {}", sweep.display());
     Ok(if all_ok {
         0
