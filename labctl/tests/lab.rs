@@ -613,6 +613,10 @@ fn stress_rejects_bad_input() {
 #[test]
 fn exit_cost_is_deterministic_and_accounting_is_cheap() {
     let _g = lab_lock();
+    // Five repeats, not three: L1's own housekeeping (timers, the lab's relay) lands in
+    // some measurement windows, at virtual times that depend on the machine (seen on CI:
+    // two of three "on" repeats disturbed). Interference only adds, so the check is on
+    // the two lowest repeats, and with five, two undisturbed ones are there to compare.
     let o = labctl(&[
         "bench",
         "exit-cost",
@@ -620,7 +624,7 @@ fn exit_cost_is_deterministic_and_accounting_is_cheap() {
         "--wide-vcpus",
         "0",
         "--repeats",
-        "3",
+        "5",
     ]);
     assert_eq!(code(&o), 0, "exit-cost checks failed");
     let y = results(&o);
@@ -629,7 +633,7 @@ fn exit_cost_is_deterministic_and_accounting_is_cheap() {
         Some("kvm-exit-lab/bench-exit-cost/v1")
     );
     let variants = y["variants"].as_sequence().unwrap();
-    let median = |name: &str| {
+    let lowest = |name: &str| {
         variants
             .iter()
             .find(|v| v["name"].as_str() == Some(name))
@@ -637,7 +641,7 @@ fn exit_cost_is_deterministic_and_accounting_is_cheap() {
             .as_f64()
             .unwrap()
     };
-    let (on, off, query) = (median("on"), median("off"), median("query"));
+    let (on, off, query) = (lowest("on"), lowest("off"), lowest("query"));
     // Hundreds to thousands of L1 instructions per round trip, not noise around zero.
     assert!(off > 500.0, "{off}");
     // Accounting adds instructions, but at most 0.5 % per exit.
