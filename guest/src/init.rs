@@ -5,6 +5,7 @@
 //! In L1, a [`Step::Vm`] boots the L2 test VM on the patched KVM, relays its messages and
 //! console upwards, and answers its checkpoints with the VM's KVM statistics.
 
+use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -12,18 +13,20 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use exitlab_proto::cpio::CpioWriter;
 use exitlab_proto::job::{Job, Level, Step, VmJob, FILES_DIR, JOB_PATH};
-use exitlab_proto::msg::{Msg, Status, Stream};
+use exitlab_proto::msg::{sample_values, Msg, Status, Stream, SAMPLED_STATS};
 use exitlab_proto::vm::{self, Accel, Chardev, VmSpec};
 use nix::mount::{mount, MsFlags};
 use nix::sys::reboot::{reboot, RebootMode};
 
-use crate::kvmstats::VmStatsReader;
+use crate::kvmstats::{self, VmStatsReader};
 use crate::port::{self, Sender};
 
 const L2_SOCKET: &str = "/run/l2-proto.sock";
@@ -97,7 +100,8 @@ fn mount_pseudo_filesystems() -> Result<()> {
     Ok(())
 }
 
-fn hello(level: Level) -> Msg {
+/// The `Hello` a VM sends when its init (or, in a foreign guest, `boot-done`) is up.
+pub fn hello(level: Level) -> Msg {
     let kernel = nix::sys::utsname::uname()
         .map(|u| {
             format!(
@@ -249,26 +253,84 @@ fn write_l2_initrd(vm: &VmJob) -> Result<()> {
     Ok(())
 }
 
-/// Boots L2 on the patched KVM and relays it. Returns whether L2 reported success.
-fn run_vm(vm: &VmJob, tx: &Sender) -> Result<bool> {
-    write_l2_initrd(vm)?;
-    let _ = fs::remove_file(L2_SOCKET);
-    let listener = UnixListener::bind(L2_SOCKET).context("binding the L2 protocol socket")?;
-    listener.set_nonblocking(true)?;
-    let spec = VmSpec {
+/// The QEMU command line for L2: the lab's image, or a guest's own kernel and disk.
+fn l2_spec(vm: &VmJob) -> Result<VmSpec> {
+    let files = Path::new("/").join(FILES_DIR);
+    let (kernel, initrd, append, mut extra) = match &vm.disk_boot {
+        None => {
+            write_l2_initrd(vm)?;
+            (
+                vm::l1::KERNEL.to_string(),
+                L2_INITRD.to_string(),
+                vm::kernel_cmdline(&format!("EXITLAB_LEVEL=l2 {}", vm.kernel_args)),
+                vec![],
+            )
+        }
+        Some(d) => {
+            if !Path::new(&d.disk).exists() {
+                bail!(
+                    "the L2 disk {} is not there (is L1 given the disk image?)",
+                    d.disk
+                );
+            }
+            (
+                files.join(&d.kernel).display().to_string(),
+                files.join(&d.initrd).display().to_string(),
+                d.cmdline.clone(),
+                vec![
+                    "-drive".to_string(),
+                    format!("file={},if=virtio,format=raw,cache=unsafe", d.disk),
+                ],
+            )
+        }
+    };
+    extra.extend(["-qmp".into(), format!("unix:{L2_QMP},server=on,wait=off")]);
+    Ok(VmSpec {
         qemu: vm::l1::QEMU.into(),
         firmware_dir: Some(vm::l1::FIRMWARE_DIR.into()),
         accel: Accel::Kvm,
         cpu: L2_CPU.into(),
         vcpus: vm.vcpus,
         memory_mib: vm.memory_mib,
-        kernel: vm::l1::KERNEL.into(),
-        initrd: L2_INITRD.into(),
-        append: vm::kernel_cmdline(&format!("EXITLAB_LEVEL=l2 {}", vm.kernel_args)),
+        kernel,
+        initrd,
+        append,
         console: Chardev::Stdio,
         proto: Chardev::Socket(L2_SOCKET.into()),
-        extra: vec!["-qmp".into(), format!("unix:{L2_QMP},server=on,wait=off")],
-    };
+        extra,
+    })
+}
+
+/// Microseconds since `start`: the clock of a recording.
+fn micros(start: Instant) -> u64 {
+    start.elapsed().as_micros() as u64
+}
+
+/// A recording's clock. Periodic samples and checkpoint samples come from two threads;
+/// each takes its time and reads the counters under `lock`, so that the samples' order
+/// in time is the order of the reads, and the series is monotonic in time.
+#[derive(Clone)]
+struct Clock {
+    start: Instant,
+    lock: Arc<Mutex<()>>,
+}
+
+impl Clock {
+    /// The time, and the VM's sampled statistics read right after it.
+    fn sample(&self, dir: &Path) -> Result<(u64, BTreeMap<String, u64>), kvmstats::StatsError> {
+        let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let t_us = micros(self.start);
+        Ok((t_us, kvmstats::read_some(dir, SAMPLED_STATS)?))
+    }
+}
+
+/// Boots L2 on the patched KVM and relays it. Returns whether L2 reported success.
+fn run_vm(vm: &VmJob, tx: &Sender) -> Result<bool> {
+    let _ = fs::remove_file(L2_SOCKET);
+    let listener = UnixListener::bind(L2_SOCKET).context("binding the L2 protocol socket")?;
+    listener.set_nonblocking(true)?;
+    let spec = l2_spec(vm)?;
+    let start = Instant::now();
     let mut child = Command::new(&spec.qemu)
         .args(spec.args())
         .stdin(Stdio::null())
@@ -277,29 +339,96 @@ fn run_vm(vm: &VmJob, tx: &Sender) -> Result<bool> {
         .spawn()
         .context("starting QEMU for L2")?;
     let pid = child.id() as i32;
+    let stop = Arc::new(AtomicBool::new(false));
+    let clock = Clock {
+        start,
+        lock: Arc::new(Mutex::new(())),
+    };
+    let sampler = vm.record.map(|r| {
+        sample(
+            pid,
+            clock.clone(),
+            Duration::from_millis(r.interval_ms.into()),
+            &stop,
+            tx,
+        )
+    });
     let relays: Vec<_> = [
-        child.stdout.take().map(|r| relay_console(r, "", tx)),
-        child.stderr.take().map(|r| relay_console(r, "qemu: ", tx)),
+        child.stdout.take().map(|r| relay_console(r, "", start, tx)),
+        child
+            .stderr
+            .take()
+            .map(|r| relay_console(r, "qemu: ", start, tx)),
     ]
     .into_iter()
     .flatten()
     .collect();
 
+    let recording = vm.record.is_some().then_some(clock);
     let result = match accept(&listener, &mut child) {
-        Ok(stream) => relay_l2(stream, pid, tx),
+        Ok(stream) => relay_l2(stream, pid, recording.clone(), tx),
         Err(e) => Err(e),
     };
     if result.is_err() {
         let _ = child.kill();
     }
     let status = child.wait().context("waiting for L2's QEMU")?;
+    let exited = micros(start);
+    stop.store(true, Ordering::Relaxed);
     for r in relays {
         let _ = r.join();
     }
+    if let Some(s) = sampler {
+        let _ = s.join();
+    }
     tx.send(&Msg::VmExited {
         status: to_status(status),
+        t_us: recording.map(|_| exited),
     });
     result
+}
+
+/// Samples the VM's statistics every `interval` (on a fixed schedule: a late sample does
+/// not shift the ones after it) from when KVM creates the VM until it is destroyed.
+fn sample(
+    pid: i32,
+    clock: Clock,
+    interval: Duration,
+    stop: &Arc<AtomicBool>,
+    tx: &Sender,
+) -> thread::JoinHandle<()> {
+    let (stop, tx) = (stop.clone(), tx.clone());
+    thread::spawn(move || {
+        let dir = loop {
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            if let Ok(d) = kvmstats::debugfs_dir(pid) {
+                break d;
+            }
+            thread::sleep(Duration::from_millis(1));
+        };
+        let created = clock.start.elapsed();
+        tx.send(&Msg::VmCreated {
+            created_us: created.as_micros() as u64,
+        });
+        let mut tick = created;
+        while !stop.load(Ordering::Relaxed) {
+            let Ok((t_us, stats)) = clock.sample(&dir) else {
+                return; // the VM is gone
+            };
+            tx.send(&Msg::Sample {
+                t_us,
+                tag: None,
+                v: sample_values(&stats),
+            });
+            let now = clock.start.elapsed();
+            while tick <= now {
+                tick += interval;
+            }
+            thread::sleep(tick - now);
+        }
+    })
 }
 
 fn accept(listener: &UnixListener, child: &mut Child) -> Result<UnixStream> {
@@ -326,6 +455,7 @@ fn accept(listener: &UnixListener, child: &mut Child) -> Result<UnixStream> {
 fn relay_console(
     r: impl Read + Send + 'static,
     prefix: &'static str,
+    start: Instant,
     tx: &Sender,
 ) -> thread::JoinHandle<()> {
     let tx = tx.clone();
@@ -336,18 +466,21 @@ fn relay_console(
             if n == 0 {
                 break;
             }
+            let t_us = micros(start);
             let text = String::from_utf8_lossy(&line);
             tx.send(&Msg::Console {
                 level: Level::L2,
                 line: format!("{prefix}{}", text.trim_end_matches(['\r', '\n'])),
+                t_us: Some(t_us),
             });
             line.clear();
         }
     })
 }
 
-/// Relays L2's messages upwards until L2 is done, answering its checkpoints.
-fn relay_l2(stream: UnixStream, pid: i32, tx: &Sender) -> Result<bool> {
+/// Relays L2's messages upwards until L2 is done, answering its checkpoints. While
+/// recording (`recording` is the recording's start), each checkpoint is a sample too.
+fn relay_l2(stream: UnixStream, pid: i32, recording: Option<Clock>, tx: &Sender) -> Result<bool> {
     let mut to_l2 = stream.try_clone()?;
     let mut stats = VmStatsReader::new(pid, Path::new(L2_QMP));
     let mut r = BufReader::new(stream);
@@ -369,12 +502,23 @@ fn relay_l2(stream: UnixStream, pid: i32, tx: &Sender) -> Result<bool> {
                         "exitlab: unreadable protocol line ({e}): {}",
                         line.trim_end()
                     ),
+                    t_us: recording.as_ref().map(|c| micros(c.start)),
                 });
                 continue;
             }
         };
         match msg {
             Msg::Checkpoint { tag } => {
+                if let Some(clock) = &recording {
+                    let (t_us, sampled) = kvmstats::debugfs_dir(pid)
+                        .and_then(|dir| clock.sample(&dir))
+                        .context("sampling the L2 VM's KVM statistics")?;
+                    tx.send(&Msg::Sample {
+                        t_us,
+                        tag: Some(tag.clone()),
+                        v: sample_values(&sampled),
+                    });
+                }
                 let vm = stats.read().context("reading the L2 VM's KVM statistics")?;
                 tx.send(&Msg::KvmStats { tag, vm });
                 to_l2.write_all(Msg::Resume.to_line().as_bytes())?;

@@ -63,7 +63,8 @@ impl VmStatsReader {
     }
 }
 
-fn debugfs_dir(pid: i32) -> Result<PathBuf, StatsError> {
+/// The VM's debugfs directory, once KVM has created the VM.
+pub fn debugfs_dir(pid: i32) -> Result<PathBuf, StatsError> {
     let root = Path::new("/sys/kernel/debug/kvm");
     let prefix = format!("{pid}-");
     fs::read_dir(root)
@@ -72,6 +73,26 @@ fn debugfs_dir(pid: i32) -> Result<PathBuf, StatsError> {
         .find(|e| e.file_name().to_string_lossy().starts_with(&prefix))
         .map(|e| e.path())
         .ok_or(StatsError::NoDebugfs(pid))
+}
+
+/// Some statistics of the VM, summed over its vCPUs, from its debugfs directory `dir`.
+/// Fails once the VM is gone (its directory is removed when the VM is destroyed).
+pub fn read_some(dir: &Path, names: &[&str]) -> Result<BTreeMap<String, u64>, StatsError> {
+    let mut out = BTreeMap::new();
+    for name in names {
+        let path = dir.join(name);
+        match fs::read_to_string(&path) {
+            Ok(text) => {
+                if let Ok(v) = text.trim().parse::<u64>() {
+                    out.insert(name.to_string(), v);
+                }
+            }
+            // A statistic this kernel does not have is left out; a vanished VM is an error.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && dir.exists() => {}
+            Err(e) => return Err(io(path.display().to_string())(e)),
+        }
+    }
+    Ok(out)
 }
 
 /// Every numeric file of the VM's debugfs directory: the VM statistics and the vCPU

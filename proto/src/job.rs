@@ -64,6 +64,33 @@ pub struct VmJob {
     #[serde(default)]
     pub kernel_args: String,
     pub job: Job,
+    /// Boot this operating system from a disk instead of the lab's own image; `files`
+    /// must then be empty and `job` have no steps (the guest runs its own init).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_boot: Option<DiskBoot>,
+    /// Sample the VM's KVM statistics while it runs (see [`Msg::Sample`](crate::msg::Msg::Sample)).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record: Option<Recording>,
+}
+
+/// An L2 guest of its own: a kernel and initramfs (files under L1's [`FILES_DIR`]) and a
+/// disk (a block device of L1) that becomes L2's first virtio disk, `/dev/vda`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskBoot {
+    pub kernel: String,
+    pub initrd: String,
+    pub disk: String,
+    /// The guest kernel's whole command line.
+    pub cmdline: String,
+}
+
+/// How L1 samples the VM's statistics while it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Recording {
+    /// Sampling interval in milliseconds (at least 1).
+    pub interval_ms: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +109,10 @@ pub enum JobError {
     EmptyArgv(usize),
     #[error("step {index}: {name:?} is not a kvm module parameter name")]
     BadParam { index: usize, name: String },
+    #[error("step {0}: a VM booted from a disk runs its own init: no files and no steps")]
+    DiskBootWithJob(usize),
+    #[error("step {0}: a recording interval must be at least 1 ms")]
+    ZeroInterval(usize),
 }
 
 impl Job {
@@ -124,6 +155,12 @@ impl Job {
                         return Err(misplaced("vm"));
                     }
                     vm.job.validate(Level::L2)?;
+                    if vm.disk_boot.is_some() && !(vm.files.is_empty() && vm.job.steps.is_empty()) {
+                        return Err(JobError::DiskBootWithJob(index));
+                    }
+                    if vm.record.is_some_and(|r| r.interval_ms == 0) {
+                        return Err(JobError::ZeroInterval(index));
+                    }
                 }
                 _ => {}
             }
@@ -167,8 +204,42 @@ mod tests {
                         Step::Checkpoint { tag: "1".into() },
                     ],
                 },
+                disk_boot: None,
+                record: Some(Recording { interval_ms: 50 }),
             })],
         }
+    }
+
+    #[test]
+    fn disk_boots_carry_no_job_and_intervals_are_positive() {
+        let mut job = lab_job();
+        let Step::Vm(vm) = &mut job.steps[0] else {
+            unreachable!()
+        };
+        vm.disk_boot = Some(DiskBoot {
+            kernel: "vmlinuz".into(),
+            initrd: "initrd.img".into(),
+            disk: "/dev/vda".into(),
+            cmdline: "root=/dev/vda".into(),
+        });
+        assert!(matches!(
+            job.validate(Level::L1),
+            Err(JobError::DiskBootWithJob(0))
+        ));
+        let Step::Vm(vm) = &mut job.steps[0] else {
+            unreachable!()
+        };
+        vm.job.steps.clear();
+        job.validate(Level::L1).unwrap();
+        assert_eq!(Job::parse(&job.to_json(), Level::L1).unwrap(), job);
+        let Step::Vm(vm) = &mut job.steps[0] else {
+            unreachable!()
+        };
+        vm.record = Some(Recording { interval_ms: 0 });
+        assert!(matches!(
+            job.validate(Level::L1),
+            Err(JobError::ZeroInterval(0))
+        ));
     }
 
     #[test]

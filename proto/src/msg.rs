@@ -104,6 +104,43 @@ pub const STAT_EXITS: &str = "exits";
 /// Host-side name of the per-vCPU exit-cycles counter (added by kernel/patches).
 pub const STAT_EXIT_CYCLES: &str = "exit_cycles";
 
+/// What a recording samples: the totals, and KVM's counters of particular kinds of exit
+/// and of exit-related work. The kinds overlap (an MMIO exit is also a page fault taken)
+/// and do not cover every exit (CPUID, MSR and others have no counter of their own).
+pub const SAMPLED_STATS: &[&str] = &[
+    STAT_EXITS,
+    STAT_EXIT_CYCLES,
+    "io_exits",
+    "mmio_exits",
+    "halt_exits",
+    "irq_exits",
+    "irq_window_exits",
+    "nmi_window_exits",
+    "request_irq_exits",
+    "signal_exits",
+    "hypercalls",
+    "insn_emulation",
+    "pf_taken",
+    "irq_injections",
+];
+
+/// A sample's values in [`SAMPLED_STATS`] order, from a map of statistics.
+pub fn sample_values(stats: &BTreeMap<String, u64>) -> Vec<Option<u64>> {
+    SAMPLED_STATS
+        .iter()
+        .map(|n| stats.get(*n).copied())
+        .collect()
+}
+
+/// A sample's values by name (missing statistics left out).
+pub fn sample_stats(v: &[Option<u64>]) -> BTreeMap<String, u64> {
+    SAMPLED_STATS
+        .iter()
+        .zip(v)
+        .filter_map(|(n, x)| x.map(|x| (n.to_string(), x)))
+        .collect()
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "msg", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Msg {
@@ -128,8 +165,31 @@ pub enum Msg {
         argv: Vec<String>,
         status: Status,
     },
-    /// A console line of the VM one level below, relayed by its parent.
-    Console { level: Level, line: String },
+    /// A console line of the VM one level below, relayed by its parent. `t_us`: when the
+    /// parent read it, in microseconds since it started the VM's QEMU (the clock of
+    /// [`Msg::Sample`]).
+    Console {
+        level: Level,
+        line: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        t_us: Option<u64>,
+    },
+    /// L1 → host, while recording (`VmJob::record`): the L2 VM's KVM statistics (debugfs
+    /// sums over its vCPUs) at `t_us` microseconds since L1 started L2's QEMU. `tag` names
+    /// the checkpoint the sample was taken for, if any; the others are periodic.
+    ///
+    /// `v` holds the [`SAMPLED_STATS`] in that order (`null`: this kernel lacks it), not a
+    /// map: the protocol port carries about 16 KB/s, and a sample every 20 ms must leave
+    /// room for the console lines relayed over the same port.
+    Sample {
+        t_us: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tag: Option<String>,
+        v: Vec<Option<u64>>,
+    },
+    /// L1 → host, while recording: the VM's statistics appeared (KVM created the VM) at
+    /// `created_us` (on the clock of [`Msg::Sample`]).
+    VmCreated { created_us: u64 },
     /// L2 → L1: report this VM's KVM statistics now; L2 waits for [`Msg::Resume`].
     Checkpoint { tag: String },
     /// L2 → L1: set a kvm module parameter (see `Step::SetKvmParam`); L2 waits.
@@ -142,8 +202,12 @@ pub enum Msg {
     KvmStats { tag: String, vm: VmStats },
     /// A step could not be carried out; the job stops.
     Failed { level: Level, error: String },
-    /// L1 → host: the L2 VM's QEMU ended.
-    VmExited { status: Status },
+    /// L1 → host: the L2 VM's QEMU ended (`t_us`: when, on the clock of [`Msg::Sample`]).
+    VmExited {
+        status: Status,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        t_us: Option<u64>,
+    },
     /// All steps ran; `ok` is false if a step failed.
     Done { level: Level, ok: bool },
 }
@@ -177,6 +241,16 @@ mod tests {
                 level: Level::L2,
                 argv: vec!["./x".into()],
                 status: Status::Signal(9),
+            },
+            Msg::Console {
+                level: Level::L2,
+                line: "Linux version".into(),
+                t_us: Some(12),
+            },
+            Msg::Sample {
+                t_us: 50_000,
+                tag: None,
+                v: sample_values(&[("exits".to_string(), 5)].into()),
             },
             Msg::KvmStats {
                 tag: "end".into(),
@@ -217,6 +291,26 @@ mod tests {
         vm.vm.insert("exits".into(), 11);
         assert_eq!(vm.total("exits"), Some(11));
         assert_eq!(vm.vcpu_sum("exits"), Some(12));
+    }
+
+    #[test]
+    fn samples_are_positional() {
+        let stats: BTreeMap<String, u64> = [
+            (STAT_EXIT_CYCLES.to_string(), 9),
+            (STAT_EXITS.to_string(), 3),
+        ]
+        .into();
+        let v = sample_values(&stats);
+        assert_eq!(v.len(), SAMPLED_STATS.len());
+        assert_eq!(&v[..3], &[Some(3), Some(9), None]);
+        assert_eq!(sample_stats(&v), stats);
+        let line = Msg::Sample {
+            t_us: 1,
+            tag: None,
+            v,
+        }
+        .to_line();
+        assert!(line.len() < 100, "{line}");
     }
 
     #[test]

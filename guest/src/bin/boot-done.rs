@@ -1,0 +1,55 @@
+//! `boot-done`: the last unit of a foreign guest's boot (record-boot's Debian image runs
+//! it from systemd once multi-user.target is reached). Over the protocol port it has L1
+//! take the VM's statistics, reads CPUID 0x4FFFFFFF, has L1 take them again, and prints the
+//! reading; the guest then powers off. The bracketing checkpoints give the reading's exact
+//! relation to the host's series: `before < EAX <= after`.
+
+use std::io::BufReader;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use exitlab_guest::{init, leaf, port};
+use exitlab_proto::job::Level;
+use exitlab_proto::msg::{Msg, Stream};
+use exitlab_proto::vm::PROTO_TTY;
+
+/// The checkpoint tags, in order (labctl's record-boot looks for them).
+const BEFORE: &str = "boot-done-before";
+const AFTER: &str = "boot-done";
+
+fn run() -> Result<()> {
+    let (tty, reader) = port::open_tty(PROTO_TTY)?;
+    let tx = port::Sender::new(Box::new(tty.try_clone().context("dup of the port")?));
+    let mut reader = BufReader::new(reader);
+    tx.send(&init::hello(Level::L2));
+    let checkpoint = |tag: &str, reader: &mut BufReader<_>| {
+        tx.send(&Msg::Checkpoint { tag: tag.into() });
+        port::wait_resume(reader).with_context(|| format!("checkpoint {tag}"))
+    };
+    checkpoint(BEFORE, &mut reader)?;
+    let stats = leaf::read().context("reading CPUID 0x4FFFFFFF")?;
+    let line = format!("{stats}\n");
+    tx.send(&Msg::Output {
+        level: Level::L2,
+        stream: Stream::Stdout,
+        text: line.clone(),
+    });
+    checkpoint(AFTER, &mut reader)?;
+    tx.send(&Msg::Done {
+        level: Level::L2,
+        ok: true,
+    });
+    port::drain(&tty);
+    print!("{line}");
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("boot-done: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
