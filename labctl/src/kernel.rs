@@ -8,9 +8,7 @@
 
 use std::collections::BTreeSet;
 use std::fs;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 
 use anyhow::{Context, Result};
 use serde::Serialize;
@@ -520,40 +518,16 @@ fn run_make(dirs: &KernelDirs, label: &'static str, args: &[String]) -> Result<(
 }
 
 fn run_make_logged(log_path: &Path, label: &'static str, args: &[String]) -> Result<()> {
-    let log = fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log_path)?;
     let sh = Shell::new()?;
-    let mut command: std::process::Command = cmd!(sh, "make {args...}").into();
-    let mut child = command
-        .stdout(Stdio::piped())
-        .stderr(Stdio::from(log.try_clone()?))
-        .spawn()
-        .context("starting make")?;
-    let mut p = Progress::new(label);
-    let mut log_w = std::io::BufWriter::new(log);
-    if let Some(out) = child.stdout.take() {
-        for line in BufReader::new(out).lines() {
-            let line = line?;
-            use std::io::Write;
-            writeln!(log_w, "{line}")?;
-            p.step(&line);
-        }
-    }
-    let status = child.wait()?;
-    drop(log_w);
+    let command: std::process::Command = cmd!(sh, "make {args...}").into();
+    let status = progress::run_logged(command, log_path, label)?;
     if !status.success() {
-        let text = fs::read_to_string(log_path).unwrap_or_default();
-        let tail: Vec<&str> = text.lines().rev().take(40).collect();
-        let tail: Vec<&str> = tail.into_iter().rev().collect();
         return Err(setup(format!(
             "kernel build failed ({status}); last lines of {}:\n{}",
             log_path.display(),
-            tail.join("\n")
+            progress::log_tail(log_path, 40)
         )));
     }
-    p.done("done");
     Ok(())
 }
 

@@ -78,3 +78,47 @@ pub fn fmt_elapsed(d: Duration) -> String {
 pub fn note(label: &str, what: impl std::fmt::Display) {
     eprintln!("[{label}] {what}");
 }
+
+/// Runs `command` with its stdout and stderr appended to `log_path`, a progress line per
+/// stdout line, and returns its exit status.
+pub fn run_logged(
+    mut command: std::process::Command,
+    log_path: &std::path::Path,
+    label: &'static str,
+) -> anyhow::Result<std::process::ExitStatus> {
+    use anyhow::Context;
+    use std::io::BufRead;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path)
+        .with_context(|| format!("opening {}", log_path.display()))?;
+    let mut child = command
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::from(log.try_clone()?))
+        .spawn()
+        .with_context(|| format!("starting {:?}", command.get_program()))?;
+    let mut p = Progress::new(label);
+    let mut log_w = std::io::BufWriter::new(log);
+    if let Some(out) = child.stdout.take() {
+        for line in std::io::BufReader::new(out).lines() {
+            let line = line?;
+            writeln!(log_w, "{line}")?;
+            p.step(&line);
+        }
+    }
+    let status = child.wait()?;
+    log_w.flush()?;
+    if status.success() {
+        p.done("done");
+    }
+    Ok(status)
+}
+
+/// The last `n` lines of a log file, for error messages.
+pub fn log_tail(path: &std::path::Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
