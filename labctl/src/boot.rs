@@ -198,6 +198,7 @@ pub fn boot(spec: &BootSpec, logs: &RunLogs, mut on_msg: impl FnMut(&Msg)) -> Re
                     Msg::Console {
                         level: Level::L2,
                         line,
+                        ..
                     } => {
                         writeln!(l2_console, "{line}")?;
                     }

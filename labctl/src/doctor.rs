@@ -117,6 +117,26 @@ pub const REQUIREMENTS: &[Requirement] = &[
         why: "finding QEMU's libraries",
     },
     Requirement {
+        need: Need::Executable("rsvg-convert"),
+        package: "librsvg2-bin",
+        why: "record-boot: the plot as PNG",
+    },
+    Requirement {
+        need: Need::File("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"),
+        package: "fonts-dejavu-core",
+        why: "record-boot: the plot's text",
+    },
+    Requirement {
+        need: Need::Executable("debootstrap"),
+        package: "debootstrap",
+        why: "record-boot --guest debian: the Debian image",
+    },
+    Requirement {
+        need: Need::Executable("mkfs.ext4"),
+        package: "e2fsprogs",
+        why: "record-boot --guest debian: the Debian disk",
+    },
+    Requirement {
         need: Need::Executable("cargo"),
         package: "cargo",
         why: "building the guest programs",

@@ -19,7 +19,7 @@ use crate::kernel::sha256_hex;
 use crate::progress::{self, Progress};
 
 /// Guest programs installed in `/guest` of both images.
-pub const GUEST_PROGRAMS: &[&str] = &["test_assignment2", "stress"];
+pub const GUEST_PROGRAMS: &[&str] = &["test_assignment2", "stress", "boot-done"];
 pub const INIT_PROGRAM: &str = "lab-init";
 const GUEST_TARGET: &str = "x86_64-unknown-linux-gnu";
 
@@ -262,6 +262,14 @@ impl UserFile {
             .and_then(|n| n.to_str())
             .filter(|n| !n.is_empty() && !n.contains('/'))
             .ok_or_else(|| setup(format!("--file {}: needs a UTF-8 file name", p.display())))?;
+        Self::named(p, name)
+    }
+
+    /// A host file shipped under another name.
+    pub fn named(p: &Path, name: &str) -> Result<Self> {
+        if !p.is_file() {
+            return Err(setup(format!("{}: not a regular file", p.display())));
+        }
         Ok(Self {
             name: name.to_string(),
             path: p.to_path_buf(),

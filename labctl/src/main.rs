@@ -8,11 +8,14 @@ mod accel;
 mod bench;
 mod boot;
 mod config;
+mod debian;
 mod doctor;
 mod error;
 mod images;
 mod kernel;
+mod plot;
 mod progress;
+mod record;
 mod report;
 mod scenario;
 mod verify;
@@ -57,6 +60,8 @@ enum Command {
     /// Benchmarks: the exit accounting's cost, its scaling, the lab's turnaround.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Exits across a full VM boot, sampled in L1: CSV, YAML and a plot with the phases.
+    RecordBoot(RecordArgs),
     /// The kernel quality gate: checkpatch --strict on every patch, make W=1 arch/x86/kvm.
     KernelCheck(LabArgs),
     /// List what the lab needs from this machine, and how to install what is missing.
@@ -204,6 +209,26 @@ fn parse_count(s: &str) -> Result<u64, String> {
 fn parse_leaf(s: &str) -> Result<u32, String> {
     exitlab_proto::stress::parse_u32(s)
 }
+
+#[derive(Args)]
+struct RecordArgs {
+    #[command(flatten)]
+    lab: LabArgs,
+    /// The guest that boots: the lab's minimal L2, or Debian (debootstrap; built once, needs root).
+    #[arg(long, value_enum, default_value = "minimal")]
+    guest: record::Guest,
+    /// Sampling interval in milliseconds.
+    #[arg(long, value_name = "MS", default_value = "20")]
+    interval: u32,
+    /// Output directory for samples.csv, summary.yaml, exits.svg, exits.png
+    /// (default: build/record-boot/<guest>-<N>vcpu).
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+}
+
+/// Memory of the Debian guest unless --memory says otherwise, and what L1 then needs.
+const DEBIAN_MEMORY_MIB: u32 = 1024;
+const DEBIAN_L1_MEMORY_MIB: u32 = 1792;
 
 #[derive(Args)]
 struct ExecArgs {
@@ -362,6 +387,21 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Exec(e) => {
             let lab = lab_from(cli.config, cli.repo, e.lab)?;
             scenario::exec(&lab, &e.files, &e.argv)
+        }
+        Command::RecordBoot(mut r) => {
+            if r.guest == record::Guest::Debian && r.lab.common.memory.is_none() {
+                r.lab.common.memory = Some(DEBIAN_MEMORY_MIB);
+                r.lab.common.l1_memory = r.lab.common.l1_memory.or(Some(DEBIAN_L1_MEMORY_MIB));
+            }
+            let lab = lab_from(cli.config, cli.repo, r.lab)?;
+            record::record_boot(
+                &lab,
+                &record::RecordRequest {
+                    guest: r.guest,
+                    interval_ms: r.interval,
+                    out: r.out,
+                },
+            )
         }
     }
 }

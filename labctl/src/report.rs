@@ -136,12 +136,7 @@ impl Results {
             println!("reading {}: exits={} cycles={}", i + 1, r.exits, r.cycles);
         }
         for c in &self.checks {
-            println!(
-                "check {:<20} {}  {}",
-                c.name,
-                if c.ok { "ok  " } else { "FAIL" },
-                c.detail
-            );
+            c.print();
         }
         for n in &self.notes {
             println!("note:     {n}");

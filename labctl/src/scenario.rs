@@ -111,6 +111,19 @@ impl Lab {
         files: &[UserFile],
         on_msg: impl FnMut(&Msg),
     ) -> Result<Run> {
+        self.run_with(p, scenario, job, files, vec![], on_msg)
+    }
+
+    /// As [`Lab::run`], with extra QEMU arguments for L1 (e.g. a disk).
+    pub fn run_with(
+        &self,
+        p: &Prepared,
+        scenario: &str,
+        job: &Job,
+        files: &[UserFile],
+        qemu_extra: Vec<String>,
+        on_msg: impl FnMut(&Msg),
+    ) -> Result<Run> {
         let dir = boot::new_run_dir(&self.cfg.build_dir, scenario)?;
         let logs = RunLogs::new(&dir);
         let initrd = dir.join("initrd.cpio");
@@ -123,7 +136,7 @@ impl Lab {
             kernel: &p.kernel,
             initrd: &initrd,
             timeout: self.cfg.timeout,
-            qemu_extra: vec![],
+            qemu_extra,
             cmdline_extra: self.l1_cmdline.clone(),
         };
         let result = boot::boot(&spec, &logs, on_msg);
@@ -318,6 +331,8 @@ pub(crate) fn l2_vm_with_args(
                 level: Level::L2,
                 steps,
             },
+            disk_boot: None,
+            record: None,
         })],
     }
 }
@@ -732,6 +747,7 @@ mod tests {
             Msg::Console {
                 level: Level::L2,
                 line: "noise".into(),
+                t_us: None,
             },
             out("exits=1, cycles spent in exit=2\n"),
             exited(0),

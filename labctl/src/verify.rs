@@ -23,6 +23,16 @@ impl Check {
             detail: detail.into(),
         }
     }
+
+    /// One line: `check <name> ok|FAIL  <detail>`.
+    pub fn print(&self) {
+        println!(
+            "check {:<20} {}  {}",
+            self.name,
+            if self.ok { "ok  " } else { "FAIL" },
+            self.detail
+        );
+    }
 }
 
 pub fn all_ok(checks: &[Check]) -> bool {

@@ -1,0 +1,292 @@
+//! Stage 7 of the pipeline, the report's picture: a record-boot series as an SVG (written
+//! here, no plotting library) and a PNG of it (rendered by librsvg's `rsvg-convert`).
+//!
+//! Two panels over one time axis: cumulative exits on top, the exit rate of each sampling
+//! interval below; the boot's phases shaded across both and labelled in place with their
+//! exit counts, so the picture reads without a legend.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::Result;
+use exitlab_proto::msg::STAT_EXITS;
+use xshell::{cmd, Shell};
+
+use crate::doctor::{self, Need};
+use crate::error::setup;
+use crate::record::{rates, Events, Phase, Recorded};
+
+const W: f64 = 1100.0;
+const H: f64 = 720.0;
+const LEFT: f64 = 90.0;
+const RIGHT: f64 = 30.0;
+const TOP_Y: f64 = 90.0;
+const TOP_H: f64 = 300.0;
+const BOT_Y: f64 = 450.0;
+const BOT_H: f64 = 200.0;
+const PHASE_COLORS: [&str; 4] = ["#dfe8f5", "#fbe9c6", "#dcefd8", "#f3dada"];
+
+/// 1, 2 or 5 times a power of ten, so that `max` spans about `n` steps.
+pub fn nice_step(max: f64, n: f64) -> f64 {
+    if max <= 0.0 || !max.is_finite() {
+        return 1.0;
+    }
+    let raw = max / n;
+    let p = 10f64.powf(raw.log10().floor());
+    let m = raw / p;
+    p * if m <= 1.0 {
+        1.0
+    } else if m <= 2.0 {
+        2.0
+    } else if m <= 5.0 {
+        5.0
+    } else {
+        10.0
+    }
+}
+
+/// 1234567 → "1.23M", 45600 → "45.6k".
+pub fn human(x: f64) -> String {
+    let (v, unit) = if x.abs() >= 1e6 {
+        (x / 1e6, "M")
+    } else if x.abs() >= 1e3 {
+        (x / 1e3, "k")
+    } else {
+        (x, "")
+    };
+    let s = if v.fract() == 0.0 || v.abs() >= 100.0 {
+        format!("{v:.0}")
+    } else if v.abs() >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    };
+    format!("{s}{unit}")
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+struct Axis {
+    t_max: f64,
+}
+
+impl Axis {
+    fn x(&self, t_s: f64) -> f64 {
+        LEFT + (W - LEFT - RIGHT) * (t_s / self.t_max).clamp(0.0, 1.0)
+    }
+}
+
+fn y_of(v: f64, max: f64, top: f64, h: f64) -> f64 {
+    top + h - h * (v / max).clamp(0.0, 1.0)
+}
+
+fn y_axis(s: &mut String, max: f64, top: f64, h: f64, label: &str) -> f64 {
+    let step = nice_step(max, 5.0);
+    let top_v = (max / step).ceil().max(1.0) * step;
+    let mut v = 0.0;
+    while v <= top_v + step / 2.0 {
+        let y = y_of(v, top_v, top, h);
+        let _ = writeln!(
+            s,
+            r##"<line x1="{LEFT}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="#000" stroke-opacity="0.12"/><text x="{:.1}" y="{:.1}" text-anchor="end" font-size="13">{}</text>"##,
+            W - RIGHT,
+            LEFT - 8.0,
+            y + 4.0,
+            human(v)
+        );
+        v += step;
+    }
+    let _ = writeln!(
+        s,
+        r##"<text transform="translate(22,{:.1}) rotate(-90)" text-anchor="middle" font-size="14">{}</text>"##,
+        top + h / 2.0,
+        esc(label)
+    );
+    top_v
+}
+
+/// The plot of one recording.
+pub fn svg(title: &str, r: &Recorded, e: &Events, phases: &[Phase]) -> String {
+    let t0 = e.vm_created_us.unwrap_or(0) as f64 / 1e6;
+    let rel = |t_us: u64| (t_us as f64 / 1e6 - t0).max(0.0);
+    let end = e
+        .vm_exited_us
+        .or(r.points.last().map(|p| p.t_us))
+        .map_or(1.0, rel);
+    let ax = Axis {
+        t_max: end.max(0.001),
+    };
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="DejaVu Sans, Verdana, sans-serif">"##
+    );
+    let _ = writeln!(s, r##"<rect width="{W}" height="{H}" fill="#fff"/>"##);
+    let _ = writeln!(
+        s,
+        r##"<text x="{LEFT}" y="32" font-size="20" font-weight="bold">{}</text>"##,
+        esc(title)
+    );
+    let total = r.points.last().map_or(0, |p| p.get(STAT_EXITS));
+    let _ = writeln!(
+        s,
+        r##"<text x="{LEFT}" y="56" font-size="14" fill="#444">{} exits in {:.2} s from VM creation to exit; shaded: boot phases (exits in each); time on L1's clock</text>"##,
+        human(total as f64),
+        end
+    );
+    // Phases, across both panels.
+    for (i, p) in phases.iter().enumerate() {
+        let (x0, x1) = (ax.x(p.start_s - t0), ax.x(p.end_s - t0));
+        let color = PHASE_COLORS[i % PHASE_COLORS.len()];
+        for (top, h) in [(TOP_Y, TOP_H), (BOT_Y, BOT_H)] {
+            let _ = writeln!(
+                s,
+                r##"<rect x="{x0:.1}" y="{top}" width="{:.1}" height="{h}" fill="{color}"/>"##,
+                (x1 - x0).max(0.5)
+            );
+        }
+        // Narrow phases get their label rotated.
+        let cx = (x0 + x1) / 2.0;
+        let text = format!("{} · {}", p.name, human(p.exits as f64));
+        if x1 - x0 > 9.0 * text.len() as f64 {
+            let _ = writeln!(
+                s,
+                r##"<text x="{cx:.1}" y="{:.1}" text-anchor="middle" font-size="14" font-weight="bold" fill="#333">{}</text>"##,
+                TOP_Y + 20.0,
+                esc(&text)
+            );
+        } else {
+            let _ = writeln!(
+                s,
+                r##"<text transform="translate({:.1},{:.1}) rotate(90)" font-size="12" font-weight="bold" fill="#333">{}</text>"##,
+                cx - 4.0,
+                TOP_Y + 8.0,
+                esc(&text)
+            );
+        }
+    }
+    // Top: cumulative exits.
+    let max_exits = y_axis(
+        &mut s,
+        total.max(1) as f64,
+        TOP_Y,
+        TOP_H,
+        "exits since the VM was created",
+    );
+    let pts: Vec<String> = r
+        .points
+        .iter()
+        .map(|p| {
+            format!(
+                "{:.1},{:.1}",
+                ax.x(rel(p.t_us)),
+                y_of(p.get(STAT_EXITS) as f64, max_exits, TOP_Y, TOP_H)
+            )
+        })
+        .collect();
+    let _ = writeln!(
+        s,
+        r##"<polyline points="{}" fill="none" stroke="#1f4e9a" stroke-width="2.2"/>"##,
+        pts.join(" ")
+    );
+    // Bottom: rate per sampling interval, as steps.
+    let rs = rates(r);
+    let max_rate = rs.iter().map(|(_, v)| *v).fold(1.0, f64::max);
+    let max_rate = y_axis(&mut s, max_rate, BOT_Y, BOT_H, "exits per second");
+    let mut steps = Vec::new();
+    let mut prev_t = r.points.first().map_or(0.0, |p| rel(p.t_us));
+    for (t, v) in &rs {
+        let y = y_of(*v, max_rate, BOT_Y, BOT_H);
+        steps.push(format!("{:.1},{y:.1}", ax.x(prev_t)));
+        steps.push(format!("{:.1},{y:.1}", ax.x(rel(*t))));
+        prev_t = rel(*t);
+    }
+    let _ = writeln!(
+        s,
+        r##"<polyline points="{}" fill="none" stroke="#b3461f" stroke-width="1.4"/>"##,
+        steps.join(" ")
+    );
+    // Events as vertical lines.
+    for (t, label) in [
+        (e.login_prompt_us, "login prompt"),
+        (e.boot_done_us, "boot done"),
+    ] {
+        if let Some(t) = t {
+            let x = ax.x(rel(t));
+            let _ = writeln!(
+                s,
+                r##"<line x1="{x:.1}" y1="{TOP_Y}" x2="{x:.1}" y2="{:.1}" stroke="#222" stroke-dasharray="5,4"/><text x="{:.1}" y="{:.1}" font-size="12" text-anchor="end" fill="#222">{label}</text>"##,
+                BOT_Y + BOT_H,
+                x - 4.0,
+                TOP_Y + TOP_H - 8.0
+            );
+        }
+    }
+    // Time axis under each panel.
+    let step = nice_step(ax.t_max, 10.0);
+    for (top, h) in [(TOP_Y, TOP_H), (BOT_Y, BOT_H)] {
+        let base = top + h;
+        let _ = writeln!(
+            s,
+            r##"<line x1="{LEFT}" y1="{base}" x2="{:.1}" y2="{base}" stroke="#000"/><line x1="{LEFT}" y1="{top}" x2="{LEFT}" y2="{base}" stroke="#000"/>"##,
+            W - RIGHT
+        );
+        let mut t = 0.0;
+        while t <= ax.t_max + step / 1000.0 {
+            let x = ax.x(t);
+            let _ = writeln!(
+                s,
+                r##"<line x1="{x:.1}" y1="{base}" x2="{x:.1}" y2="{:.1}" stroke="#000"/><text x="{x:.1}" y="{:.1}" text-anchor="middle" font-size="13">{}</text>"##,
+                base + 5.0,
+                base + 20.0,
+                human(t)
+            );
+            t += step;
+        }
+    }
+    let _ = writeln!(
+        s,
+        r##"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="14">seconds since KVM created the VM</text>"##,
+        (LEFT + W - RIGHT) / 2.0,
+        H - 8.0
+    );
+    s.push_str("</svg>\n");
+    s
+}
+
+/// Renders `svg` to `png` with rsvg-convert.
+pub fn png(svg: &Path, png: &Path) -> Result<()> {
+    doctor::require(&[Need::Executable("rsvg-convert")])?;
+    let sh = Shell::new()?;
+    cmd!(sh, "rsvg-convert --background-color=white -o {png} {svg}")
+        .quiet()
+        .run()
+        .map_err(|e| setup(format!("rendering {} to PNG failed: {e}", svg.display())))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steps_are_nice() {
+        assert_eq!(nice_step(1000.0, 5.0), 200.0);
+        assert_eq!(nice_step(37_000.0, 5.0), 10_000.0);
+        assert_eq!(nice_step(9.0, 10.0), 1.0);
+        assert_eq!(nice_step(0.0, 5.0), 1.0);
+    }
+
+    #[test]
+    fn numbers_are_short() {
+        assert_eq!(human(0.0), "0");
+        assert_eq!(human(1_234_567.0), "1.23M");
+        assert_eq!(human(45_600.0), "45.6k");
+        assert_eq!(human(2_000_000.0), "2M");
+        assert_eq!(human(0.5), "0.50");
+    }
+}

@@ -1,0 +1,857 @@
+//! `labctl record-boot`: a VM's exits across a whole boot, sampled by L1 while L2 boots,
+//! split into phases by the guest's console, checked against the guest's own reading, and
+//! written out as CSV, YAML and a plot.
+//!
+//! Clock: L1's monotonic clock, zero when L1 started L2's QEMU. L1 timestamps every sample
+//! and every console line it relays on that one clock, so phases and samples line up.
+//! Phases start at the first console line that marks them:
+//!
+//! | phase     | from                                                 | marker |
+//! |-----------|------------------------------------------------------|--------|
+//! | firmware  | KVM created the VM (its debugfs directory appeared)   | |
+//! | kernel    | the kernel's banner                                   | `Linux version ` |
+//! | userspace | the kernel starts the first process                   | `Run /init as init process` (or `/sbin/init`, …) |
+//! | shutdown  | boot done: the guest's CPUID reading was taken         | checkpoint `boot-done` |
+//! | (end)     | the VM's QEMU exited                                  | |
+//!
+//! The guest reads CPUID 0x4FFFFFFF between two checkpoints at which L1 samples the same
+//! counters: `exits(boot-done-before) < EAX <= exits(boot-done)` (the reading counts its
+//! own exit; every other exit between the two checkpoints is the guest reporting on its
+//! serial port).
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+use clap::ValueEnum;
+use exitlab_proto::job::{DiskBoot, Job, Level, Recording, Step, VmJob};
+use exitlab_proto::leaf::ExitStats;
+use exitlab_proto::msg::{sample_stats, Msg, Stream, STAT_EXITS, STAT_EXIT_CYCLES};
+use exitlab_proto::vm::l1;
+use serde::Serialize;
+
+use crate::debian;
+use crate::error::setup;
+use crate::images::UserFile;
+use crate::plot;
+use crate::progress;
+use crate::scenario::Lab;
+use crate::verify::{self, Check};
+
+pub const SCHEMA: &str = "kvm-exit-lab/record-boot/v1";
+/// The checkpoints around the guest's reading (see `guest/src/bin/boot-done.rs`).
+pub const BEFORE: &str = "boot-done-before";
+pub const AFTER: &str = "boot-done";
+/// Largest sampling interval accepted, in ms: beyond it a boot is a handful of points.
+pub const MAX_INTERVAL_MS: u32 = 10_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Guest {
+    /// The lab's own L2: the lab kernel, an initramfs, the lab's init.
+    Minimal,
+    /// Debian (debootstrap), Debian's kernel and initramfs, systemd, root on virtio.
+    Debian,
+}
+
+impl Guest {
+    pub fn name(self) -> &'static str {
+        match self {
+            Guest::Minimal => "minimal",
+            Guest::Debian => "debian",
+        }
+    }
+}
+
+pub struct RecordRequest {
+    pub guest: Guest,
+    pub interval_ms: u32,
+    pub out: Option<PathBuf>,
+}
+
+/// Checks the output directory can be written, before anything boots.
+pub fn prepare_out(dir: &Path) -> Result<()> {
+    fs::create_dir_all(dir).map_err(|e| {
+        setup(format!(
+            "cannot create the output directory {}: {e}; pass --out with a writable directory",
+            dir.display()
+        ))
+    })?;
+    let probe = dir.join(".labctl-write-test");
+    fs::write(&probe, b"").map_err(|e| {
+        setup(format!(
+            "the output directory {} is not writable: {e}; pass --out with a writable directory",
+            dir.display()
+        ))
+    })?;
+    let _ = fs::remove_file(probe);
+    Ok(())
+}
+
+/// One reading of the VM's counters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Point {
+    pub t_us: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
+    pub stats: BTreeMap<String, u64>,
+}
+
+impl Point {
+    pub fn get(&self, name: &str) -> u64 {
+        self.stats.get(name).copied().unwrap_or(0)
+    }
+}
+
+/// Everything a recording collected from the messages.
+#[derive(Debug, Default, Clone)]
+pub struct Recorded {
+    pub created_us: Option<u64>,
+    pub exited_us: Option<u64>,
+    /// Samples, periodic and checkpoint, in time order.
+    pub points: Vec<Point>,
+    /// L2 console lines with the time L1 read them.
+    pub console: Vec<(u64, String)>,
+    /// The guest's own reading, as it printed it.
+    pub reading_line: Option<String>,
+}
+
+impl Recorded {
+    pub fn from_msgs<'a>(msgs: impl IntoIterator<Item = &'a Msg>) -> Self {
+        let mut r = Recorded::default();
+        let mut stdout = String::new();
+        for m in msgs {
+            match m {
+                Msg::VmCreated { created_us } => r.created_us = Some(*created_us),
+                Msg::VmExited { t_us, .. } => r.exited_us = *t_us,
+                Msg::Sample { t_us, tag, v } => r.points.push(Point {
+                    t_us: *t_us,
+                    tag: tag.clone(),
+                    stats: sample_stats(v),
+                }),
+                Msg::Console {
+                    level: Level::L2,
+                    line,
+                    t_us: Some(t),
+                } => r.console.push((*t, line.clone())),
+                Msg::Output {
+                    level: Level::L2,
+                    stream: Stream::Stdout,
+                    text,
+                } => stdout.push_str(text),
+                _ => {}
+            }
+        }
+        r.points.sort_by_key(|p| p.t_us);
+        r.reading_line = stdout
+            .lines()
+            .find(|l| l.parse::<ExitStats>().is_ok())
+            .map(String::from);
+        r
+    }
+
+    pub fn tagged(&self, tag: &str) -> Option<&Point> {
+        self.points.iter().find(|p| p.tag.as_deref() == Some(tag))
+    }
+
+    fn first_line(&self, pred: impl Fn(&str) -> bool) -> Option<u64> {
+        self.console.iter().find(|(_, l)| pred(l)).map(|(t, _)| *t)
+    }
+
+    /// The counters as they were at `t_us`: the last sample at or before it (the first
+    /// sample if `t_us` is before every sample).
+    pub fn at(&self, t_us: u64) -> Option<&Point> {
+        let i = self.points.partition_point(|p| p.t_us <= t_us);
+        self.points.get(i.saturating_sub(1))
+    }
+}
+
+/// Times of the boot's events, in µs on the recording's clock.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Events {
+    pub vm_created_us: Option<u64>,
+    pub kernel_us: Option<u64>,
+    pub userspace_us: Option<u64>,
+    /// Debian: the getty's login prompt on the console.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub login_prompt_us: Option<u64>,
+    pub boot_done_us: Option<u64>,
+    pub vm_exited_us: Option<u64>,
+}
+
+pub const KERNEL_MARKER: &str = "Linux version ";
+
+fn is_first_process(line: &str) -> bool {
+    line.contains("Run ") && line.contains(" as init process")
+}
+
+pub fn events(r: &Recorded) -> Events {
+    Events {
+        vm_created_us: r.created_us,
+        kernel_us: r.first_line(|l| l.contains(KERNEL_MARKER)),
+        userspace_us: r.first_line(is_first_process),
+        login_prompt_us: r.first_line(|l| l.trim_end().ends_with("login:")),
+        boot_done_us: r.tagged(AFTER).map(|p| p.t_us),
+        vm_exited_us: r.exited_us,
+    }
+}
+
+/// One phase of the boot and what happened in it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Phase {
+    pub name: &'static str,
+    pub start_s: f64,
+    pub end_s: f64,
+    pub exits: u64,
+    pub exit_cycles: u64,
+    pub exits_per_s: f64,
+    /// Mean exit rate over the phase's busiest sampling interval.
+    pub peak_exits_per_s: f64,
+    /// KVM's per-kind counters over the phase (they overlap; see SAMPLED_STATS).
+    pub kinds: BTreeMap<String, u64>,
+}
+
+pub const PHASES: [&str; 4] = ["firmware", "kernel", "userspace", "shutdown"];
+
+/// The phases' boundaries: each phase's start, and the end; `None` where a marker is
+/// missing (a boot that did not get that far).
+pub fn boundaries(e: &Events) -> [Option<u64>; 5] {
+    [
+        e.vm_created_us,
+        e.kernel_us,
+        e.userspace_us,
+        e.boot_done_us,
+        e.vm_exited_us,
+    ]
+}
+
+fn secs(us: u64) -> f64 {
+    us as f64 / 1e6
+}
+
+pub fn phases(r: &Recorded, e: &Events) -> Vec<Phase> {
+    let b = boundaries(e);
+    let mut out = Vec::new();
+    for (i, name) in PHASES.iter().enumerate() {
+        let (Some(start), Some(end)) = (b[i], b[i + 1].or(r.points.last().map(|p| p.t_us))) else {
+            continue;
+        };
+        let (Some(a), Some(z)) = (r.at(start), r.at(end)) else {
+            continue;
+        };
+        let dur = secs(end.saturating_sub(start));
+        let exits = z.get(STAT_EXITS).saturating_sub(a.get(STAT_EXITS));
+        let mut kinds = BTreeMap::new();
+        for k in z.stats.keys() {
+            if k != STAT_EXITS && k != STAT_EXIT_CYCLES {
+                kinds.insert(k.clone(), z.get(k).saturating_sub(a.get(k)));
+            }
+        }
+        let peak = rates(r)
+            .into_iter()
+            .filter(|(t, _)| *t > start && *t <= end)
+            .map(|(_, rate)| rate)
+            .fold(0.0, f64::max);
+        out.push(Phase {
+            name,
+            start_s: secs(start),
+            end_s: secs(end),
+            exits,
+            exit_cycles: z
+                .get(STAT_EXIT_CYCLES)
+                .saturating_sub(a.get(STAT_EXIT_CYCLES)),
+            exits_per_s: if dur > 0.0 { exits as f64 / dur } else { 0.0 },
+            peak_exits_per_s: peak,
+            kinds,
+        });
+    }
+    out
+}
+
+/// Exit rate (exits/s) over each interval between consecutive samples, at the interval's
+/// end.
+pub fn rates(r: &Recorded) -> Vec<(u64, f64)> {
+    r.points
+        .windows(2)
+        .filter(|w| w[1].t_us > w[0].t_us)
+        .map(|w| {
+            let d = w[1].get(STAT_EXITS).saturating_sub(w[0].get(STAT_EXITS));
+            (w[1].t_us, d as f64 / secs(w[1].t_us - w[0].t_us))
+        })
+        .collect()
+}
+
+/// The series' checks: monotonic counters, phases in order, the guest's reading inside
+/// its checkpoints, and the sampling interval kept.
+pub fn checks(r: &Recorded, e: &Events, interval_ms: u32) -> Vec<Check> {
+    let mut c = Vec::new();
+    let n = r.points.len();
+    c.push(Check::new(
+        "sampled",
+        n >= 2,
+        format!("{n} samples of the VM's statistics"),
+    ));
+    let backwards: Vec<String> = r
+        .points
+        .windows(2)
+        .flat_map(|w| {
+            w[1].stats
+                .iter()
+                .filter(|(k, v)| **v < w[0].get(k))
+                .map(|(k, v)| format!("{k} {} -> {v} at {:.3} s", w[0].get(k), secs(w[1].t_us)))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    c.push(Check::new(
+        "monotonic",
+        backwards.is_empty() && n >= 2,
+        if backwards.is_empty() {
+            "every counter only grows from sample to sample".to_string()
+        } else {
+            format!("counters went backwards: {}", backwards.join("; "))
+        },
+    ));
+    let b = boundaries(e);
+    let missing: Vec<&str> = [
+        "VM created",
+        "kernel banner",
+        "first process",
+        "boot done",
+        "VM exited",
+    ]
+    .iter()
+    .zip(b)
+    .filter(|(_, t)| t.is_none())
+    .map(|(n, _)| *n)
+    .collect();
+    let times: Vec<u64> = b.iter().flatten().copied().collect();
+    let ordered = times.windows(2).all(|w| w[0] <= w[1]);
+    c.push(Check::new(
+        "phases",
+        missing.is_empty() && ordered,
+        if !missing.is_empty() {
+            format!("missing: {}", missing.join(", "))
+        } else if !ordered {
+            format!("out of order: {times:?} µs")
+        } else {
+            format!(
+                "firmware, kernel, userspace, shutdown in order: {}",
+                times
+                    .iter()
+                    .map(|t| format!("{:.2}", secs(*t)))
+                    .collect::<Vec<_>>()
+                    .join(" < ")
+            )
+        },
+    ));
+    let reading = r
+        .reading_line
+        .as_deref()
+        .and_then(|l| l.parse::<ExitStats>().ok());
+    let (before, after) = (r.tagged(BEFORE), r.tagged(AFTER));
+    c.push(match (reading, before, after) {
+        (Some(g), Some(s1), Some(s2)) => {
+            let (e1, e2) = (s1.get(STAT_EXITS), s2.get(STAT_EXITS));
+            let (c1, c2) = (s1.get(STAT_EXIT_CYCLES), s2.get(STAT_EXIT_CYCLES));
+            let ok = e1 < u64::from(g.exits) && u64::from(g.exits) <= e2 && c1 <= g.cycles && g.cycles <= c2;
+            Check::new(
+                "guest-reading",
+                ok,
+                format!(
+                    "exits {e1} < {} <= {e2} and cycles {c1} <= {} <= {c2} (checkpoints {BEFORE}, {AFTER})",
+                    g.exits, g.cycles
+                ),
+            )
+        }
+        _ => Check::new(
+            "guest-reading",
+            false,
+            format!(
+                "missing: {}",
+                [
+                    (reading.is_none(), "the guest's reading"),
+                    (before.is_none(), BEFORE),
+                    (after.is_none(), AFTER),
+                ]
+                .iter()
+                .filter(|(m, _)| *m)
+                .map(|(_, w)| *w)
+                .collect::<Vec<_>>()
+                .join(", ")
+            ),
+        ),
+    });
+    // Periodic samples only: checkpoints come in between.
+    let periodic: Vec<u64> = r
+        .points
+        .iter()
+        .filter(|p| p.tag.is_none())
+        .map(|p| p.t_us)
+        .collect();
+    let worst = periodic.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+    let limit = 2 * u64::from(interval_ms) * 1000;
+    c.push(Check::new(
+        "interval",
+        worst <= limit,
+        format!(
+            "largest gap between periodic samples {:.1} ms (goal <= 2 x {interval_ms} ms)",
+            worst as f64 / 1000.0
+        ),
+    ));
+    c
+}
+
+#[derive(Debug, Serialize)]
+struct Summary<'a> {
+    schema: &'static str,
+    guest: Guest,
+    l2_kernel: Option<String>,
+    vcpus: u32,
+    memory_mib: u32,
+    interval_ms: u32,
+    /// False if the boot did not reach its end (timeout, crash): the series is partial.
+    complete: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    samples: usize,
+    events_s: BTreeMap<&'static str, f64>,
+    totals: Totals,
+    phases: &'a [Phase],
+    guest_reading: Option<ExitStats>,
+    kvm_exit_tracepoint: &'static str,
+    checks: &'a [Check],
+    files: BTreeMap<&'static str, PathBuf>,
+    logs: Option<PathBuf>,
+}
+
+#[derive(Debug, Serialize)]
+struct Totals {
+    exits: u64,
+    exit_cycles: u64,
+    seconds: f64,
+}
+
+/// The series as CSV: one row per sample.
+pub fn csv(r: &Recorded, e: &Events) -> String {
+    let kinds: Vec<String> = r
+        .points
+        .iter()
+        .flat_map(|p| p.stats.keys().cloned())
+        .filter(|k| k != STAT_EXITS && k != STAT_EXIT_CYCLES)
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let b = boundaries(e);
+    let phase_at = |t: u64| {
+        PHASES
+            .iter()
+            .enumerate()
+            .rev()
+            .find(|(i, _)| b[*i].is_some_and(|s| t >= s))
+            .map_or("", |(_, n)| n)
+    };
+    let mut out = format!(
+        "t_s,phase,tag,exits,exit_cycles,exits_per_s,{}\n",
+        kinds.join(",")
+    );
+    let mut prev: Option<&Point> = None;
+    for p in &r.points {
+        let rate = prev
+            .filter(|q| p.t_us > q.t_us)
+            .map(|q| {
+                p.get(STAT_EXITS).saturating_sub(q.get(STAT_EXITS)) as f64 / secs(p.t_us - q.t_us)
+            })
+            .map_or(String::new(), |x| format!("{x:.0}"));
+        let mut row = vec![
+            format!("{:.6}", secs(p.t_us)),
+            phase_at(p.t_us).to_string(),
+            p.tag.clone().unwrap_or_default(),
+            p.get(STAT_EXITS).to_string(),
+            p.get(STAT_EXIT_CYCLES).to_string(),
+            rate,
+        ];
+        row.extend(kinds.iter().map(|k| p.get(k).to_string()));
+        out.push_str(&row.join(","));
+        out.push('\n');
+        prev = Some(p);
+    }
+    out
+}
+
+fn l2_job(lab: &Lab, req: &RecordRequest, disk_boot: Option<DiskBoot>) -> Job {
+    let steps = match req.guest {
+        Guest::Minimal => vec![
+            Step::Checkpoint { tag: BEFORE.into() },
+            Step::Run {
+                argv: vec![format!("{}/test_assignment2", l1::GUEST_BIN_DIR)],
+            },
+            Step::Checkpoint { tag: AFTER.into() },
+        ],
+        Guest::Debian => vec![],
+    };
+    Job {
+        level: Level::L1,
+        steps: vec![Step::Vm(VmJob {
+            vcpus: lab.cfg.l2_vcpus,
+            memory_mib: lab.cfg.l2_memory_mib,
+            files: vec![],
+            kernel_args: "earlyprintk=serial,ttyS0,115200".into(),
+            job: Job {
+                level: Level::L2,
+                steps,
+            },
+            disk_boot,
+            record: Some(Recording {
+                interval_ms: req.interval_ms,
+            }),
+        })],
+    }
+}
+
+/// `labctl record-boot`.
+pub fn record_boot(lab: &Lab, req: &RecordRequest) -> Result<i32> {
+    if req.interval_ms == 0 || req.interval_ms > MAX_INTERVAL_MS {
+        return Err(setup(format!(
+            "--interval {} ms: give a sampling interval from 1 to {MAX_INTERVAL_MS} ms (default 20)",
+            req.interval_ms
+        )));
+    }
+    let out = req.out.clone().unwrap_or_else(|| {
+        lab.cfg.build_dir.join("record-boot").join(format!(
+            "{}-{}vcpu",
+            req.guest.name(),
+            lab.cfg.l2_vcpus
+        ))
+    });
+    prepare_out(&out)?;
+    let p = lab.build()?;
+    let (job, files, extra) = match req.guest {
+        Guest::Minimal => (l2_job(lab, req, None), vec![], vec![]),
+        Guest::Debian => {
+            let boot_done = lab
+                .artifacts
+                .guest_dir
+                .clone()
+                .unwrap_or_else(|| lab.cfg.build_dir.join("guest"))
+                .join("boot-done");
+            let img = debian::image(&lab.cfg.build_dir, &boot_done)?;
+            let files = vec![
+                UserFile::named(&img.kernel, "vmlinuz")?,
+                UserFile::named(&img.initrd, "initrd.img")?,
+            ];
+            let disk = DiskBoot {
+                kernel: "vmlinuz".into(),
+                initrd: "initrd.img".into(),
+                disk: "/dev/vda".into(),
+                cmdline: debian::CMDLINE.into(),
+            };
+            let extra = vec![
+                "-drive".to_string(),
+                format!(
+                    "file={},if=virtio,format=raw,snapshot=on",
+                    img.disk.display().to_string().replace(',', ",,")
+                ),
+            ];
+            (l2_job(lab, req, Some(disk)), files, extra)
+        }
+    };
+    progress::note(
+        "record",
+        format!(
+            "{} guest, {} vCPU(s), {} MiB, a sample every {} ms; output: {}",
+            req.guest.name(),
+            lab.cfg.l2_vcpus,
+            lab.cfg.l2_memory_mib,
+            req.interval_ms,
+            out.display()
+        ),
+    );
+    let mut msgs: Vec<Msg> = Vec::new();
+    let run = lab.run_with(&p, "record-boot", &job, &files, extra, |m| {
+        if let Msg::Console {
+            level: Level::L2,
+            line,
+            t_us: Some(t),
+        } = m
+        {
+            if line.contains(KERNEL_MARKER) || is_first_process(line) || line.ends_with("login:") {
+                progress::note("record", format!("{:>8.2} s  {}", secs(*t), line.trim()));
+            }
+        }
+        msgs.push(m.clone());
+    });
+    let (run, error) = match run {
+        Ok(r) => (Some(r), None),
+        Err(e) => (None, Some(e)),
+    };
+    let r = Recorded::from_msgs(&msgs);
+    let e = events(&r);
+    let phases = phases(&r, &e);
+    let mut checks = checks(&r, &e, req.interval_ms);
+    if let Some(run) = &run {
+        checks.insert(
+            0,
+            Check::new(
+                "ran",
+                run.done_ok(Level::L2) && run.done_ok(Level::L1),
+                match run.failures().as_slice() {
+                    [] => "L1 and L2 ran to the end".to_string(),
+                    f => f.join("; "),
+                },
+            ),
+        );
+    }
+    let files_out = BTreeMap::from([
+        ("csv", out.join("samples.csv")),
+        ("yaml", out.join("summary.yaml")),
+        ("svg", out.join("exits.svg")),
+        ("png", out.join("exits.png")),
+    ]);
+    fs::write(&files_out["csv"], csv(&r, &e))?;
+    let title = format!(
+        "VM exits during a full boot: {} guest, {} vCPU{}",
+        req.guest.name(),
+        lab.cfg.l2_vcpus,
+        if lab.cfg.l2_vcpus == 1 { "" } else { "s" }
+    );
+    fs::write(&files_out["svg"], plot::svg(&title, &r, &e, &phases))?;
+    let png = plot::png(&files_out["svg"], &files_out["png"]);
+    let complete = error.is_none() && e.boot_done_us.is_some() && e.vm_exited_us.is_some();
+    let last = r.points.last();
+    let summary = Summary {
+        schema: SCHEMA,
+        guest: req.guest,
+        l2_kernel: run.as_ref().and_then(|r| r.kernel(Level::L2)),
+        vcpus: lab.cfg.l2_vcpus,
+        memory_mib: lab.cfg.l2_memory_mib,
+        interval_ms: req.interval_ms,
+        complete,
+        error: error.as_ref().map(|e| format!("{e:#}")),
+        samples: r.points.len(),
+        events_s: [
+            ("vm_created", e.vm_created_us),
+            ("kernel", e.kernel_us),
+            ("userspace", e.userspace_us),
+            ("login_prompt", e.login_prompt_us),
+            ("boot_done", e.boot_done_us),
+            ("vm_exited", e.vm_exited_us),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.map(|v| (k, secs(v))))
+        .collect(),
+        totals: Totals {
+            exits: last.map_or(0, |p| p.get(STAT_EXITS)),
+            exit_cycles: last.map_or(0, |p| p.get(STAT_EXIT_CYCLES)),
+            seconds: match (e.vm_created_us, last) {
+                (Some(c), Some(l)) => secs(l.t_us.saturating_sub(c)),
+                _ => 0.0,
+            },
+        },
+        phases: &phases,
+        guest_reading: r.reading_line.as_deref().and_then(|l| l.parse().ok()),
+        kvm_exit_tracepoint: "not recorded: the lab's L1 kernel is built without tracing (CONFIG_FTRACE), to keep it small and its exit path unchanged; exit kinds come from KVM's own per-kind counters",
+        checks: &checks,
+        files: files_out.clone(),
+        logs: run.as_ref().map(|r| r.dir.clone()),
+    };
+    fs::write(&files_out["yaml"], serde_yaml_ng::to_string(&summary)?)?;
+    print_table(&summary, &phases, &checks, &files_out);
+    if let Some(err) = error {
+        eprintln!(
+            "record-boot: the boot did not finish; the partial series ({} samples) is kept, marked incomplete, in {}",
+            r.points.len(),
+            out.display()
+        );
+        return Err(err);
+    }
+    if let Err(e) = png {
+        return Err(setup(format!(
+            "{e:#}\n  (the CSV, YAML and SVG are written in {})",
+            out.display()
+        )));
+    }
+    Ok(if verify::all_ok(&checks) {
+        0
+    } else {
+        crate::error::code::SCENARIO_FAILED.into()
+    })
+}
+
+fn print_table(
+    s: &Summary,
+    phases: &[Phase],
+    checks: &[Check],
+    files: &BTreeMap<&'static str, PathBuf>,
+) {
+    println!(
+        "{:<10} {:>8} {:>8} {:>10} {:>14} {:>11} {:>11}",
+        "phase", "start s", "end s", "exits", "exit cycles", "exits/s", "peak/s"
+    );
+    for p in phases {
+        println!(
+            "{:<10} {:>8.2} {:>8.2} {:>10} {:>14} {:>11.0} {:>11.0}",
+            p.name, p.start_s, p.end_s, p.exits, p.exit_cycles, p.exits_per_s, p.peak_exits_per_s
+        );
+    }
+    println!(
+        "{:<10} {:>8} {:>8.2} {:>10} {:>14}",
+        "total", "", s.totals.seconds, s.totals.exits, s.totals.exit_cycles
+    );
+    if let Some(g) = &s.guest_reading {
+        println!("guest at boot done: {g}");
+    }
+    for c in checks {
+        c.print();
+    }
+    for (k, v) in files {
+        println!("{k:<5} {}", v.display());
+    }
+    if !s.complete {
+        println!("INCOMPLETE: the boot did not reach its end; the series is partial");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn point(t_ms: u64, exits: u64, tag: Option<&str>) -> Msg {
+        Msg::Sample {
+            t_us: t_ms * 1000,
+            tag: tag.map(String::from),
+            v: exitlab_proto::msg::sample_values(
+                &[
+                    (STAT_EXITS.to_string(), exits),
+                    (STAT_EXIT_CYCLES.to_string(), exits * 100),
+                    ("io_exits".to_string(), exits / 2),
+                ]
+                .into(),
+            ),
+        }
+    }
+
+    fn console(t_ms: u64, line: &str) -> Msg {
+        Msg::Console {
+            level: Level::L2,
+            line: line.into(),
+            t_us: Some(t_ms * 1000),
+        }
+    }
+
+    fn boot() -> Vec<Msg> {
+        vec![
+            Msg::VmCreated { created_us: 10_000 },
+            point(10, 0, None),
+            point(60, 100, None),
+            console(70, "Linux version 6.12.117"),
+            point(110, 1000, None),
+            point(160, 3000, None),
+            console(170, "Run /init as init process"),
+            point(210, 4000, None),
+            point(215, 4100, Some(BEFORE)),
+            Msg::Output {
+                level: Level::L2,
+                stream: Stream::Stdout,
+                text: "CPUID(0x4FFFFFFF), exits=4101, cycles spent in exit=410050\n".into(),
+            },
+            point(220, 4200, Some(AFTER)),
+            point(260, 4300, None),
+            Msg::VmExited {
+                status: exitlab_proto::msg::Status::Code(0),
+                t_us: Some(280_000),
+            },
+        ]
+    }
+
+    #[test]
+    fn phases_split_the_series_at_the_markers() {
+        let r = Recorded::from_msgs(&boot());
+        let e = events(&r);
+        assert_eq!(e.kernel_us, Some(70_000));
+        assert_eq!(e.userspace_us, Some(170_000));
+        assert_eq!(e.boot_done_us, Some(220_000));
+        let ph = phases(&r, &e);
+        let names: Vec<_> = ph.iter().map(|p| p.name).collect();
+        assert_eq!(names, PHASES);
+        // Values at a boundary are the last sample at or before it.
+        assert_eq!(ph[0].exits, 100); // 0 at 10 ms .. 100 at 60 ms
+        assert_eq!(ph[1].exits, 2900); // 100 .. 3000 at 160 ms
+        assert_eq!(ph[2].exits, 1200); // 3000 .. 4200 at 220 ms
+        assert_eq!(ph[3].exits, 100);
+        assert_eq!(ph[1].kinds["io_exits"], 1450);
+        assert!((ph[1].peak_exits_per_s - 40_000.0).abs() < 1e-6);
+        let total: u64 = ph.iter().map(|p| p.exits).sum();
+        assert_eq!(total, 4300);
+    }
+
+    #[test]
+    fn a_good_series_passes_every_check() {
+        let r = Recorded::from_msgs(&boot());
+        let c = checks(&r, &events(&r), 50);
+        assert!(verify::all_ok(&c), "{c:#?}");
+    }
+
+    #[test]
+    fn bad_series_fail_with_reasons() {
+        // A counter going backwards.
+        let mut m = boot();
+        m.insert(5, point(120, 900, None));
+        let r = Recorded::from_msgs(&m);
+        let c = checks(&r, &events(&r), 50);
+        assert!(c.iter().any(|c| c.name == "monotonic" && !c.ok));
+        // A reading outside its checkpoints.
+        let m: Vec<Msg> = boot()
+            .into_iter()
+            .map(|m| match m {
+                Msg::Output { level, stream, .. } => Msg::Output {
+                    level,
+                    stream,
+                    text: "CPUID(0x4FFFFFFF), exits=4100, cycles spent in exit=410050\n".into(),
+                },
+                m => m,
+            })
+            .collect();
+        let r = Recorded::from_msgs(&m);
+        let c = checks(&r, &events(&r), 50);
+        assert!(c.iter().any(|c| c.name == "guest-reading" && !c.ok));
+        // A boot that never got to userspace: phases missing, the rest still sliced.
+        let m: Vec<Msg> = boot().into_iter().take(6).collect();
+        let r = Recorded::from_msgs(&m);
+        let e = events(&r);
+        let c = checks(&r, &e, 50);
+        let phases_check = c.iter().find(|c| c.name == "phases").unwrap();
+        assert!(!phases_check.ok);
+        assert!(phases_check.detail.contains("first process"));
+        assert_eq!(phases(&r, &e).len(), 2);
+        // A gap in the sampling.
+        let m: Vec<Msg> = boot()
+            .into_iter()
+            .filter(|m| !matches!(m, Msg::Sample { t_us: 110_000, .. }))
+            .collect();
+        let r = Recorded::from_msgs(&m);
+        let c = checks(&r, &events(&r), 20);
+        assert!(c.iter().any(|c| c.name == "interval" && !c.ok));
+    }
+
+    #[test]
+    fn csv_has_a_row_per_sample_with_phase_and_rate() {
+        let r = Recorded::from_msgs(&boot());
+        let text = csv(&r, &events(&r));
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[0],
+            "t_s,phase,tag,exits,exit_cycles,exits_per_s,io_exits"
+        );
+        assert_eq!(lines.len(), 1 + r.points.len());
+        assert_eq!(lines[1], "0.010000,firmware,,0,0,,0");
+        assert_eq!(lines[3], "0.110000,kernel,,1000,100000,18000,500");
+        assert!(lines[7].starts_with("0.220000,shutdown,boot-done,4200,"));
+    }
+
+    #[test]
+    fn unwritable_output_is_refused() {
+        let e = prepare_out(Path::new("/proc/no-such-dir/out")).unwrap_err();
+        assert!(format!("{e}").contains("--out"), "{e}");
+    }
+}
