@@ -34,7 +34,9 @@ const L2_QMP: &str = "/run/l2-qmp.sock";
 /// L2's CPU: the host's (L1's) CPU without XSAVE. Under TCG's emulated SVM, the XSAVE
 /// state KVM exposes to L2 is inconsistent: L2 warned "XSAVE consistency problem" on most
 /// boots, and some boots crashed L2 or reset L1. L2 needs no AVX; FXSAVE is enough.
-const L2_CPU: &str = "host,xsave=off";
+/// Without XSAVE, AVX state cannot be enabled, so the AVX family goes too: Debian's
+/// kernel otherwise runs AVX code (aesni_intel) and oopses on #UD.
+const L2_CPU: &str = "host,xsave=off,avx=off,avx2=off,fma=off,f16c=off";
 const L2_INITRD: &str = "/tmp/l2-initrd.cpio";
 /// How long L2's QEMU gets to connect to the protocol socket.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -149,6 +151,10 @@ fn run(level: Level, tx: &Sender, reader: File) -> Result<bool> {
                     value: value.clone(),
                 });
                 port::wait_resume(&mut reader)?;
+                true
+            }
+            Step::Idle { ms } => {
+                thread::sleep(Duration::from_millis(*ms));
                 true
             }
             Step::Vm(vm) => run_vm(vm, tx)?,

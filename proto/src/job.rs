@@ -49,6 +49,8 @@ pub enum Step {
     /// L2 only: have L1 set one of its `kvm` module parameters
     /// (`/sys/module/kvm/parameters/<name>`), e.g. `exit_accounting`, and wait until it has.
     SetKvmParam { name: String, value: String },
+    /// Do nothing for `ms` milliseconds: the guest idles (record-boot's idle phase).
+    Idle { ms: u64 },
     /// L1 only: boot an L2 VM on the patched KVM and run its job there.
     Vm(VmJob),
 }
