@@ -30,7 +30,7 @@ const VARIANT: &str = "minbase";
 /// initramfs-tools and its initramfs).
 const INCLUDE: &str = "systemd-sysv,udev,linux-image-amd64";
 /// Bumped when the image's contents change in ways the other inputs do not show.
-const RECIPE: u32 = 1;
+const RECIPE: u32 = 3;
 /// A fixed machine id: the image never looks like a first boot (no systemd-firstboot
 /// prompts on the console) and every boot is the same.
 const MACHINE_ID: &str = "6b766d2d657869742d6c61622d646562";
@@ -45,14 +45,14 @@ const UNIT: &str = "\
 [Unit]
 Description=kvm-exit-lab: boot done (CPUID 0x4FFFFFFF reading), then power off
 After=multi-user.target
+SuccessAction=poweroff
+FailureAction=poweroff
 
 [Service]
 Type=oneshot
 ExecStart=/usr/local/sbin/exitlab-boot-done
 StandardOutput=journal+console
 StandardError=journal+console
-SuccessAction=poweroff-force
-FailureAction=poweroff-force
 
 [Install]
 WantedBy=multi-user.target
@@ -117,11 +117,48 @@ fn build(out: &Path, recipe: Recipe, boot_done: &Path) -> Result<DebianImage> {
             "building the Debian guest image needs root (debootstrap chroots and installs packages as root); run `sudo labctl record-boot --guest debian` once, later runs reuse the image",
         ));
     }
+    fs::create_dir_all(out)?;
+    let root = bootstrap(out)?;
+    let p = Progress::new("debian");
+    configure(&root, boot_done)?;
+    let sh = Shell::new()?;
+    let format = "${Package} ${Version}\n";
+    let packages = cmd!(sh, "chroot {root} dpkg-query -W -f={format}")
+        .quiet()
+        .read()
+        .context("listing the image's packages")?;
+    fs::write(out.join("packages.txt"), format!("{packages}\n"))?;
+    let (kernel, initrd, kernel_release) = take_boot_files(&root, out)?;
+    let disk = out.join("disk.img");
+    make_disk(&sh, &root, &disk)?;
+    let img = DebianImage {
+        disk,
+        kernel,
+        initrd,
+        recipe,
+        kernel_release,
+    };
+    fs::write(out.join("image.yaml"), serde_yaml_ng::to_string(&img)?)?;
+    p.done(format!("Debian {SUITE} image {}", img.disk.display()).as_str());
+    Ok(img)
+}
+
+/// The debootstrapped tree, `out/rootfs`: reused while suite, mirror and packages are the
+/// same (`rootfs.yaml`), so changing what `configure` adds does not download again.
+fn bootstrap(out: &Path) -> Result<PathBuf> {
     let root = out.join("rootfs");
+    let stamp = out.join("rootfs.yaml");
+    let want =
+        format!("suite: {SUITE}\nmirror: {MIRROR}\nvariant: {VARIANT}\ninclude: {INCLUDE}\n");
+    if root.join("etc/debian_version").is_file()
+        && fs::read_to_string(&stamp).is_ok_and(|s| s == want)
+    {
+        return Ok(root);
+    }
+    let _ = fs::remove_file(&stamp);
     if root.exists() {
         fs::remove_dir_all(&root).with_context(|| format!("removing {}", root.display()))?;
     }
-    fs::create_dir_all(out)?;
     let log = out.join("build.log");
     let _ = fs::remove_file(&log);
     progress::note(
@@ -145,28 +182,8 @@ fn build(out: &Path, recipe: Recipe, boot_done: &Path) -> Result<DebianImage> {
             progress::log_tail(&log, 20)
         )));
     }
-    let p = Progress::new("debian");
-    configure(&root, boot_done)?;
-    let format = "${Package} ${Version}\n";
-    let packages = cmd!(sh, "chroot {root} dpkg-query -W -f={format}")
-        .quiet()
-        .read()
-        .context("listing the image's packages")?;
-    fs::write(out.join("packages.txt"), format!("{packages}\n"))?;
-    let (kernel, initrd, kernel_release) = take_boot_files(&root, out)?;
-    let disk = out.join("disk.img");
-    make_disk(&sh, &root, &disk)?;
-    fs::remove_dir_all(&root)?;
-    let img = DebianImage {
-        disk,
-        kernel,
-        initrd,
-        recipe,
-        kernel_release,
-    };
-    fs::write(out.join("image.yaml"), serde_yaml_ng::to_string(&img)?)?;
-    p.done(format!("Debian {SUITE} image {}", img.disk.display()).as_str());
-    Ok(img)
+    fs::write(&stamp, want)?;
+    Ok(root)
 }
 
 /// Makes the debootstrapped tree a bootable, self-reporting system.
@@ -193,6 +210,11 @@ fn configure(root: &Path, boot_done: &Path) -> Result<()> {
     if link.symlink_metadata().is_err() {
         symlink("/etc/systemd/system/exitlab-boot-done.service", &link)?;
     }
+    // A unit that hangs while stopping must not hang the lab: 20 s, not 90.
+    w(
+        "etc/systemd/system.conf.d/exitlab.conf",
+        "[Manager]\nDefaultTimeoutStopSec=20s\n",
+    )?;
     // Never ask anything on the console.
     let mask = root.join("etc/systemd/system/systemd-firstboot.service");
     if mask.symlink_metadata().is_err() {
@@ -260,6 +282,7 @@ fn make_disk(sh: &Shell, root: &Path, disk: &Path) -> Result<()> {
         "mkfs.ext4 -q -F -L exitlab-root -U {FS_UUID} -E root_owner=0:0 -d {root} {disk} {size}"
     )
     .quiet()
+    .ignore_stdout()
     .run()
     .map_err(|e| setup(format!("making the ext4 image failed: {e}")))?;
     Ok(())

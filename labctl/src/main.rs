@@ -220,6 +220,9 @@ struct RecordArgs {
     /// Sampling interval in milliseconds.
     #[arg(long, value_name = "MS", default_value = "20")]
     interval: u32,
+    /// Seconds the booted guest idles before it shuts down (the plot's idle phase).
+    #[arg(long, value_name = "SECONDS", default_value = "5")]
+    idle: u32,
     /// Output directory for samples.csv, summary.yaml, exits.svg, exits.png
     /// (default: build/record-boot/<guest>-<N>vcpu).
     #[arg(long, value_name = "DIR")]
@@ -399,6 +402,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 &record::RecordRequest {
                     guest: r.guest,
                     interval_ms: r.interval,
+                    idle_s: r.idle,
                     out: r.out,
                 },
             )

@@ -212,7 +212,7 @@ pub fn svg(title: &str, r: &Recorded, e: &Events, phases: &[Phase]) -> String {
     );
     // Events as vertical lines.
     for (t, label) in [
-        (e.login_prompt_us, "login prompt"),
+        (e.login_ready_us, "multi-user (login ready)"),
         (e.boot_done_us, "boot done"),
     ] {
         if let Some(t) = t {

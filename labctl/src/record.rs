@@ -11,7 +11,8 @@
 //! | firmware  | KVM created the VM (its debugfs directory appeared)   | |
 //! | kernel    | the kernel's banner                                   | `Linux version ` |
 //! | userspace | the kernel starts the first process                   | `Run /init as init process` (or `/sbin/init`, …) |
-//! | shutdown  | boot done: the guest's CPUID reading was taken         | checkpoint `boot-done` |
+//! | idle      | boot done: the guest's CPUID reading was taken         | checkpoint `boot-done` |
+//! | shutdown  | the guest idled for `--idle` seconds                   | checkpoint `idle-end` |
 //! | (end)     | the VM's QEMU exited                                  | |
 //!
 //! The guest reads CPUID 0x4FFFFFFF between two checkpoints at which L1 samples the same
@@ -43,6 +44,10 @@ pub const SCHEMA: &str = "kvm-exit-lab/record-boot/v1";
 /// The checkpoints around the guest's reading (see `guest/src/bin/boot-done.rs`).
 pub const BEFORE: &str = "boot-done-before";
 pub const AFTER: &str = "boot-done";
+/// The checkpoint after the idle period, where the shutdown starts.
+pub const IDLE_END: &str = "idle-end";
+/// Longest idle period accepted, in seconds.
+pub const MAX_IDLE_S: u32 = 3600;
 /// Largest sampling interval accepted, in ms: beyond it a boot is a handful of points.
 pub const MAX_INTERVAL_MS: u32 = 10_000;
 
@@ -67,6 +72,8 @@ impl Guest {
 pub struct RecordRequest {
     pub guest: Guest,
     pub interval_ms: u32,
+    /// Seconds the booted guest idles before it shuts down.
+    pub idle_s: u32,
     pub out: Option<PathBuf>,
 }
 
@@ -173,10 +180,11 @@ pub struct Events {
     pub vm_created_us: Option<u64>,
     pub kernel_us: Option<u64>,
     pub userspace_us: Option<u64>,
-    /// Debian: the getty's login prompt on the console.
+    /// Debian: systemd reached multi-user.target (login prompts are up).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub login_prompt_us: Option<u64>,
+    pub login_ready_us: Option<u64>,
     pub boot_done_us: Option<u64>,
+    pub idle_end_us: Option<u64>,
     pub vm_exited_us: Option<u64>,
 }
 
@@ -191,8 +199,10 @@ pub fn events(r: &Recorded) -> Events {
         vm_created_us: r.created_us,
         kernel_us: r.first_line(|l| l.contains(KERNEL_MARKER)),
         userspace_us: r.first_line(is_first_process),
-        login_prompt_us: r.first_line(|l| l.trim_end().ends_with("login:")),
+        login_ready_us: r
+            .first_line(|l| l.contains("Reached target") && l.contains("Multi-User System")),
         boot_done_us: r.tagged(AFTER).map(|p| p.t_us),
+        idle_end_us: r.tagged(IDLE_END).map(|p| p.t_us),
         vm_exited_us: r.exited_us,
     }
 }
@@ -212,16 +222,17 @@ pub struct Phase {
     pub kinds: BTreeMap<String, u64>,
 }
 
-pub const PHASES: [&str; 4] = ["firmware", "kernel", "userspace", "shutdown"];
+pub const PHASES: [&str; 5] = ["firmware", "kernel", "userspace", "idle", "shutdown"];
 
 /// The phases' boundaries: each phase's start, and the end; `None` where a marker is
 /// missing (a boot that did not get that far).
-pub fn boundaries(e: &Events) -> [Option<u64>; 5] {
+pub fn boundaries(e: &Events) -> [Option<u64>; 6] {
     [
         e.vm_created_us,
         e.kernel_us,
         e.userspace_us,
         e.boot_done_us,
+        e.idle_end_us,
         e.vm_exited_us,
     ]
 }
@@ -318,6 +329,7 @@ pub fn checks(r: &Recorded, e: &Events, interval_ms: u32) -> Vec<Check> {
         "kernel banner",
         "first process",
         "boot done",
+        "idle end",
         "VM exited",
     ]
     .iter()
@@ -336,7 +348,7 @@ pub fn checks(r: &Recorded, e: &Events, interval_ms: u32) -> Vec<Check> {
             format!("out of order: {times:?} µs")
         } else {
             format!(
-                "firmware, kernel, userspace, shutdown in order: {}",
+                "firmware, kernel, userspace, idle, shutdown in order: {}",
                 times
                     .iter()
                     .map(|t| format!("{:.2}", secs(*t)))
@@ -410,6 +422,7 @@ struct Summary<'a> {
     vcpus: u32,
     memory_mib: u32,
     interval_ms: u32,
+    idle_s: u32,
     /// False if the boot did not reach its end (timeout, crash): the series is partial.
     complete: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -487,6 +500,12 @@ fn l2_job(lab: &Lab, req: &RecordRequest, disk_boot: Option<DiskBoot>) -> Job {
                 argv: vec![format!("{}/test_assignment2", l1::GUEST_BIN_DIR)],
             },
             Step::Checkpoint { tag: AFTER.into() },
+            Step::Idle {
+                ms: u64::from(req.idle_s) * 1000,
+            },
+            Step::Checkpoint {
+                tag: IDLE_END.into(),
+            },
         ],
         Guest::Debian => vec![],
     };
@@ -524,6 +543,12 @@ pub fn record_boot(lab: &Lab, req: &RecordRequest) -> Result<i32> {
             lab.cfg.l2_vcpus
         ))
     });
+    if req.idle_s > MAX_IDLE_S {
+        return Err(setup(format!(
+            "--idle {} s: give 0 to {MAX_IDLE_S} seconds",
+            req.idle_s
+        )));
+    }
     prepare_out(&out)?;
     let p = lab.build()?;
     let (job, files, extra) = match req.guest {
@@ -544,7 +569,7 @@ pub fn record_boot(lab: &Lab, req: &RecordRequest) -> Result<i32> {
                 kernel: "vmlinuz".into(),
                 initrd: "initrd.img".into(),
                 disk: "/dev/vda".into(),
-                cmdline: debian::CMDLINE.into(),
+                cmdline: format!("{} exitlab.idle_ms={}", debian::CMDLINE, req.idle_s * 1000),
             };
             let extra = vec![
                 "-drive".to_string(),
@@ -559,11 +584,12 @@ pub fn record_boot(lab: &Lab, req: &RecordRequest) -> Result<i32> {
     progress::note(
         "record",
         format!(
-            "{} guest, {} vCPU(s), {} MiB, a sample every {} ms; output: {}",
+            "{} guest, {} vCPU(s), {} MiB, a sample every {} ms, {} s idle after boot; output: {}",
             req.guest.name(),
             lab.cfg.l2_vcpus,
             lab.cfg.l2_memory_mib,
             req.interval_ms,
+            req.idle_s,
             out.display()
         ),
     );
@@ -575,7 +601,10 @@ pub fn record_boot(lab: &Lab, req: &RecordRequest) -> Result<i32> {
             t_us: Some(t),
         } = m
         {
-            if line.contains(KERNEL_MARKER) || is_first_process(line) || line.ends_with("login:") {
+            if line.contains(KERNEL_MARKER)
+                || is_first_process(line)
+                || line.contains("Multi-User System")
+            {
                 progress::note("record", format!("{:>8.2} s  {}", secs(*t), line.trim()));
             }
         }
@@ -626,6 +655,7 @@ pub fn record_boot(lab: &Lab, req: &RecordRequest) -> Result<i32> {
         vcpus: lab.cfg.l2_vcpus,
         memory_mib: lab.cfg.l2_memory_mib,
         interval_ms: req.interval_ms,
+        idle_s: req.idle_s,
         complete,
         error: error.as_ref().map(|e| format!("{e:#}")),
         samples: r.points.len(),
@@ -633,8 +663,9 @@ pub fn record_boot(lab: &Lab, req: &RecordRequest) -> Result<i32> {
             ("vm_created", e.vm_created_us),
             ("kernel", e.kernel_us),
             ("userspace", e.userspace_us),
-            ("login_prompt", e.login_prompt_us),
+            ("login_ready", e.login_ready_us),
             ("boot_done", e.boot_done_us),
+            ("idle_end", e.idle_end_us),
             ("vm_exited", e.vm_exited_us),
         ]
         .into_iter()
@@ -756,6 +787,8 @@ mod tests {
                 text: "CPUID(0x4FFFFFFF), exits=4101, cycles spent in exit=410050\n".into(),
             },
             point(220, 4200, Some(AFTER)),
+            point(240, 4250, None),
+            point(250, 4260, Some(IDLE_END)),
             point(260, 4300, None),
             Msg::VmExited {
                 status: exitlab_proto::msg::Status::Code(0),
@@ -778,7 +811,8 @@ mod tests {
         assert_eq!(ph[0].exits, 100); // 0 at 10 ms .. 100 at 60 ms
         assert_eq!(ph[1].exits, 2900); // 100 .. 3000 at 160 ms
         assert_eq!(ph[2].exits, 1200); // 3000 .. 4200 at 220 ms
-        assert_eq!(ph[3].exits, 100);
+        assert_eq!(ph[3].exits, 60); // 4200 .. 4260 at 250 ms
+        assert_eq!(ph[4].exits, 40);
         assert_eq!(ph[1].kinds["io_exits"], 1450);
         assert!((ph[1].peak_exits_per_s - 40_000.0).abs() < 1e-6);
         let total: u64 = ph.iter().map(|p| p.exits).sum();
@@ -846,7 +880,7 @@ mod tests {
         assert_eq!(lines.len(), 1 + r.points.len());
         assert_eq!(lines[1], "0.010000,firmware,,0,0,,0");
         assert_eq!(lines[3], "0.110000,kernel,,1000,100000,18000,500");
-        assert!(lines[7].starts_with("0.220000,shutdown,boot-done,4200,"));
+        assert!(lines[7].starts_with("0.220000,idle,boot-done,4200,"));
     }
 
     #[test]

@@ -652,3 +652,146 @@ fn exit_cost_is_deterministic_and_accounting_is_cheap() {
         assert!(v["agreement_pct"].as_f64().unwrap() <= 0.2, "{v:?}");
     }
 }
+
+fn tmp_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("labctl-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+fn yaml_file(p: &Path) -> serde_yaml_ng::Value {
+    let text = std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    serde_yaml_ng::from_str(&text).expect("YAML")
+}
+
+#[test]
+fn record_boot_of_the_minimal_guest_is_a_checked_series() {
+    let _g = lab_lock();
+    let out = tmp_dir("record");
+    let o = labctl(&[
+        "record-boot",
+        "--guest",
+        "minimal",
+        "--interval",
+        "20",
+        "--idle",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code(&o), 0, "record-boot's checks failed");
+    let y = yaml_file(&out.join("summary.yaml"));
+    assert_eq!(y["schema"].as_str(), Some("kvm-exit-lab/record-boot/v1"));
+    assert_eq!(y["complete"].as_bool(), Some(true));
+    let phases: Vec<&str> = y["phases"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(phases, ["firmware", "kernel", "userspace", "idle", "shutdown"]);
+
+    // The series, read back from the CSV and checked here independently of labctl.
+    let csv = std::fs::read_to_string(out.join("samples.csv")).unwrap();
+    let mut lines = csv.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let col = |name: &str| header.iter().position(|h| *h == name).unwrap();
+    let (t, phase, tag, exits) = (col("t_s"), col("phase"), col("tag"), col("exits"));
+    let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
+    assert!(rows.len() > 50, "only {} samples", rows.len());
+    let mut order = Vec::new();
+    for w in rows.windows(2) {
+        let (a, b) = (&w[0], &w[1]);
+        assert!(a[t].parse::<f64>().unwrap() <= b[t].parse::<f64>().unwrap());
+        assert!(
+            a[exits].parse::<u64>().unwrap() <= b[exits].parse::<u64>().unwrap(),
+            "exits went backwards: {a:?} -> {b:?}"
+        );
+    }
+    for r in &rows {
+        if order.last() != Some(&r[phase]) {
+            order.push(r[phase]);
+        }
+    }
+    assert_eq!(order, ["firmware", "kernel", "userspace", "idle", "shutdown"]);
+    // The idle phase lasted the second asked for (L1's clock, so within a sample or two).
+    let idle = &y["phases"][3];
+    let secs = idle["end_s"].as_f64().unwrap() - idle["start_s"].as_f64().unwrap();
+    assert!((1.0..1.5).contains(&secs), "idle phase {secs} s");
+    // The guest's own reading sits between the two checkpoints around it.
+    let at = |name: &str| -> u64 {
+        rows.iter().find(|r| r[tag] == name).unwrap()[exits]
+            .parse()
+            .unwrap()
+    };
+    let guest = y["guest_reading"]["exits"].as_u64().unwrap();
+    assert!(at("boot-done-before") < guest && guest <= at("boot-done"));
+    // Totals are the last sample; the phases add up to the series.
+    let last: u64 = rows.last().unwrap()[exits].parse().unwrap();
+    let first: u64 = rows[0][exits].parse().unwrap();
+    assert_eq!(y["totals"]["exits"].as_u64(), Some(last));
+    let sum: u64 = y["phases"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|p| p["exits"].as_u64().unwrap())
+        .sum();
+    assert_eq!(sum, last - first);
+    // The plot: an SVG with the phases named, and its PNG.
+    let svg = std::fs::read_to_string(out.join("exits.svg")).unwrap();
+    for p in phases {
+        assert!(svg.contains(p), "{p} missing from the plot");
+    }
+    let png = std::fs::read(out.join("exits.png")).unwrap();
+    assert!(png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 10_000);
+}
+
+#[test]
+fn record_boot_keeps_a_partial_series_when_the_boot_does_not_finish() {
+    let _g = lab_lock();
+    assert_eq!(code(&labctl(&["build"])), 0);
+    let out = tmp_dir("record-partial");
+    // L1 is up after ~2 s and L2's VM exists soon after; 7 s is not enough for its boot.
+    let o = labctl(&[
+        "record-boot",
+        "--timeout",
+        "7",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code(&o), 124);
+    let err = stderr(&o);
+    assert!(err.contains("partial series"), "{err}");
+    let y = yaml_file(&out.join("summary.yaml"));
+    assert_eq!(y["complete"].as_bool(), Some(false));
+    assert!(y["error"].as_str().unwrap().contains("timed out"));
+    assert!(y["samples"].as_u64().unwrap() > 0, "no samples kept");
+    assert!(out.join("samples.csv").is_file() && out.join("exits.svg").is_file());
+}
+
+#[test]
+fn record_boot_rejects_bad_input() {
+    let unwritable = "/proc/labctl-no-such-dir";
+    for (args, msg) in [
+        (
+            vec!["record-boot", "--guest", "windows"],
+            "invalid value 'windows'",
+        ),
+        (
+            vec!["record-boot", "--interval", "0"],
+            "sampling interval from 1",
+        ),
+        (
+            vec!["record-boot", "--interval", "soon"],
+            "invalid value 'soon'",
+        ),
+        (
+            vec!["record-boot", "--out", unwritable],
+            "pass --out with a writable",
+        ),
+    ] {
+        let o = labctl(&args);
+        assert_eq!(code(&o), 2, "{args:?}");
+        assert!(stderr(&o).contains(msg), "{args:?}: {}", stderr(&o));
+    }
+}
