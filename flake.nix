@@ -43,7 +43,7 @@
       labctl = rustPackage pkgs.rustPlatform "labctl" { };
 
       # Static (musl) guest programs: lab-init (PID 1 of both images), test_assignment2,
-      # stress. L1's init assembles L2's initramfs from them at run time.
+      # stress, boot-done. L1's init assembles L2's initramfs from them at run time.
       guest = rustPackage pkgs.pkgsStatic.rustPlatform "exitlab-guest" { };
 
       # tinyconfig + kernel/lab.config, as `labctl build` does; any option the fragment
@@ -138,6 +138,7 @@
           cargo rustc clippy rustfmt
           qemu
           gnumake gcc bc bison flex perl elfutils openssl patch xz
+          librsvg dejavu_fonts debootstrap e2fsprogs   # record-boot's plot and Debian guest
         ];
       };
 

@@ -24,7 +24,7 @@ const TOP_Y: f64 = 90.0;
 const TOP_H: f64 = 300.0;
 const BOT_Y: f64 = 450.0;
 const BOT_H: f64 = 200.0;
-const PHASE_COLORS: [&str; 4] = ["#dfe8f5", "#fbe9c6", "#dcefd8", "#f3dada"];
+const PHASE_COLORS: [&str; 5] = ["#dfe8f5", "#fbe9c6", "#dcefd8", "#ece2f4", "#f3dada"];
 
 /// 1, 2 or 5 times a power of ten, so that `max` spans about `n` steps.
 pub fn nice_step(max: f64, n: f64) -> f64 {
@@ -211,10 +211,12 @@ pub fn svg(title: &str, r: &Recorded, e: &Events, phases: &[Phase]) -> String {
         steps.join(" ")
     );
     // Events as vertical lines.
-    for (t, label) in [
+    let events = [
         (e.login_ready_us, "multi-user (login ready)"),
         (e.boot_done_us, "boot done"),
-    ] {
+    ];
+    // Labels one above the other: the events can be close together.
+    for (i, (t, label)) in events.into_iter().enumerate() {
         if let Some(t) = t {
             let x = ax.x(rel(t));
             let _ = writeln!(
@@ -222,7 +224,7 @@ pub fn svg(title: &str, r: &Recorded, e: &Events, phases: &[Phase]) -> String {
                 r##"<line x1="{x:.1}" y1="{TOP_Y}" x2="{x:.1}" y2="{:.1}" stroke="#222" stroke-dasharray="5,4"/><text x="{:.1}" y="{:.1}" font-size="12" text-anchor="end" fill="#222">{label}</text>"##,
                 BOT_Y + BOT_H,
                 x - 4.0,
-                TOP_Y + TOP_H - 8.0
+                TOP_Y + TOP_H - 8.0 - 16.0 * i as f64
             );
         }
     }

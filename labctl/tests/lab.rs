@@ -689,7 +689,10 @@ fn record_boot_of_the_minimal_guest_is_a_checked_series() {
         .iter()
         .map(|p| p["name"].as_str().unwrap())
         .collect();
-    assert_eq!(phases, ["firmware", "kernel", "userspace", "idle", "shutdown"]);
+    assert_eq!(
+        phases,
+        ["firmware", "kernel", "userspace", "idle", "shutdown"]
+    );
 
     // The series, read back from the CSV and checked here independently of labctl.
     let csv = std::fs::read_to_string(out.join("samples.csv")).unwrap();
@@ -713,7 +716,10 @@ fn record_boot_of_the_minimal_guest_is_a_checked_series() {
             order.push(r[phase]);
         }
     }
-    assert_eq!(order, ["firmware", "kernel", "userspace", "idle", "shutdown"]);
+    assert_eq!(
+        order,
+        ["firmware", "kernel", "userspace", "idle", "shutdown"]
+    );
     // The idle phase lasted the second asked for (L1's clock, so within a sample or two).
     let idle = &y["phases"][3];
     let secs = idle["end_s"].as_f64().unwrap() - idle["start_s"].as_f64().unwrap();
