@@ -40,6 +40,30 @@ fn labctl(args: &[&str]) -> Output {
     out
 }
 
+/// `labctl` for a run that boots the lab and expects no crash. L1 runs under QEMU's
+/// software emulation, which now and then crashes it (an Oops in L1's idle task or a
+/// silent reset, about once in 150 boots here, never twice in a row); such a run (125 or
+/// 126) is repeated once, loudly. A crash our code causes crashes both times and fails.
+fn boot(args: &[&str]) -> Output {
+    let o = labctl(args);
+    match code(&o) {
+        125 | 126 => {
+            eprintln!(
+                "NOTE: labctl {} crashed a VM (status {}); running it once more. The first run's logs: {}",
+                args.join(" "),
+                code(&o),
+                stderr(&o)
+                    .lines()
+                    .filter(|l| l.contains("console") || l.contains("messages"))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            );
+            labctl(args)
+        }
+        _ => o,
+    }
+}
+
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
@@ -87,7 +111,7 @@ fn host_can_nest_with_kvm() -> bool {
 #[test]
 fn lab_prints_growing_readings_that_match_kvm_statistics() {
     let _g = lab_lock();
-    let o = labctl(&["lab"]);
+    let o = boot(&["lab"]);
     assert_eq!(code(&o), 0, "labctl lab failed");
     let r = readings(&o);
     assert_eq!(r.len(), 2, "two readings of test_assignment2");
@@ -138,7 +162,7 @@ fn lab_prints_growing_readings_that_match_kvm_statistics() {
 #[test]
 fn accounting_off_makes_the_lab_fail_loudly() {
     let _g = lab_lock();
-    let o = labctl(&["lab", "--l1-cmdline", "kvm.exit_accounting=0"]);
+    let o = boot(&["lab", "--l1-cmdline", "kvm.exit_accounting=0"]);
     assert_eq!(code(&o), 1, "checks must fail with the accounting off");
     let r = readings(&o);
     assert_eq!(r.len(), 2);
@@ -199,7 +223,7 @@ fn exec_runs_a_foreign_static_binary_and_returns_its_status() {
     std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o640)).unwrap();
 
     let _g = lab_lock();
-    let o = labctl(&[
+    let o = boot(&[
         "exec",
         "--file",
         prog.to_str().unwrap(),
@@ -223,7 +247,7 @@ fn exec_runs_a_foreign_static_binary_and_returns_its_status() {
 #[test]
 fn exec_reports_a_command_that_cannot_start() {
     let _g = lab_lock();
-    let o = labctl(&["exec", "--", "/no/such/program"]);
+    let o = boot(&["exec", "--", "/no/such/program"]);
     assert_eq!(code(&o), 127);
     assert!(stderr(&o).contains("could not run"), "{}", stderr(&o));
 }
@@ -231,7 +255,7 @@ fn exec_reports_a_command_that_cannot_start() {
 #[test]
 fn selftest_passes_inside_l1() {
     let _g = lab_lock();
-    let o = labctl(&["selftest"]);
+    let o = boot(&["selftest"]);
     assert_eq!(code(&o), 0, "the KVM selftest failed in L1");
     let out = stdout(&o);
     assert!(out.contains("1..7"), "{out}");
@@ -268,12 +292,17 @@ fn a_hung_boot_times_out_and_names_the_logs() {
 #[test]
 fn a_guest_kernel_panic_is_reported_with_its_log() {
     let _g = lab_lock();
-    // No init in the image under that name: the L1 kernel panics at boot.
+    // No init in the image under that name, and no root disk: L1's kernel panics at boot.
     let o = labctl(&["lab", "--l1-cmdline", "rdinit=/no-such-init"]);
     assert_eq!(code(&o), 125);
     let err = stderr(&o);
     assert!(err.contains("L1 kernel panicked"), "{err}");
-    assert!(err.contains("No working init found"), "{err}");
+    // Without a block layer the kernel finds no init; with it (the lab has virtio-blk
+    // for record-boot's disk) it first looks for a root file system and finds none.
+    assert!(
+        err.contains("No working init found") || err.contains("Unable to mount root fs"),
+        "{err}"
+    );
     assert!(err.contains("l1-console.log"), "{err}");
 }
 
@@ -496,7 +525,7 @@ fn stress_rows(out: &str) -> Vec<(u32, u32, u64, i64, String)> {
 fn stress_at_1_and_4_vcpus_is_exact() {
     let _g = lab_lock();
     let k: u64 = 5000;
-    let o = labctl(&["stress", "--vcpus", "1,4", "--iterations", &k.to_string()]);
+    let o = boot(&["stress", "--vcpus", "1,4", "--iterations", &k.to_string()]);
     assert_eq!(code(&o), 0, "stress checks failed");
     let out = stdout(&o);
     let rows = stress_rows(&out);
@@ -542,7 +571,7 @@ fn stress_at_1_and_4_vcpus_is_exact() {
 #[test]
 fn stress_fails_loudly_with_accounting_off() {
     let _g = lab_lock();
-    let o = labctl(&[
+    let o = boot(&[
         "stress",
         "--vcpus",
         "2",
@@ -560,7 +589,7 @@ fn stress_fails_loudly_with_accounting_off() {
 #[test]
 fn stress_allows_more_threads_than_vcpus_and_says_so() {
     let _g = lab_lock();
-    let o = labctl(&[
+    let o = boot(&[
         "stress",
         "--vcpus",
         "1",
@@ -617,7 +646,7 @@ fn exit_cost_is_deterministic_and_accounting_is_cheap() {
     // some measurement windows, at virtual times that depend on the machine (seen on CI:
     // two of three "on" repeats disturbed). Interference only adds, so the check is on
     // the two lowest repeats, and with five, two undisturbed ones are there to compare.
-    let o = labctl(&[
+    let o = boot(&[
         "bench",
         "exit-cost",
         "--no-baseline",
@@ -668,7 +697,7 @@ fn yaml_file(p: &Path) -> serde_yaml_ng::Value {
 fn record_boot_of_the_minimal_guest_is_a_checked_series() {
     let _g = lab_lock();
     let out = tmp_dir("record");
-    let o = labctl(&[
+    let o = boot(&[
         "record-boot",
         "--guest",
         "minimal",
