@@ -40,6 +40,33 @@ pub struct ExitCostRequest {
     pub no_baseline: bool,
     /// vCPUs of the VM for the "many vCPUs" query cost; 0 skips it.
     pub wide_vcpus: u32,
+    /// Measure the lab's own kernel configuration (no jump labels) instead of the bench's.
+    pub lab_kernel: bool,
+}
+
+/// What the bench adds to `kernel/lab.config` for the kernels it measures.
+///
+/// Distribution kernels have jump labels: a static key that is off costs a patched jump,
+/// not a load, a test and a branch. The lab's kernel leaves them off only because runtime
+/// code patching raced with multi-threaded TCG in L1 (`Oops: int3`); the bench runs L1
+/// on one vCPU under single-threaded TCG, where that race cannot happen.
+pub const BENCH_CONFIG: &str = "CONFIG_JUMP_LABEL=y";
+
+/// The kernel configuration fragment of the bench's kernels, written next to them.
+fn bench_fragment(lab: &Lab) -> Result<PathBuf> {
+    let base = lab.repo.join("kernel/lab.config");
+    let text = std::fs::read_to_string(&base)
+        .map_err(|e| setup(format!("reading {}: {e}", base.display())))?;
+    let dir = lab.cfg.build_dir.join("bench");
+    std::fs::create_dir_all(&dir)?;
+    let out = dir.join("bench.config");
+    let text = format!(
+        "{text}\n# labctl bench: the kernels it measures are configured as distributions ship them\n{BENCH_CONFIG}\n"
+    );
+    if std::fs::read_to_string(&out).ok().as_deref() != Some(text.as_str()) {
+        std::fs::write(&out, text)?;
+    }
+    Ok(out)
 }
 
 /// One measured variant.
@@ -115,6 +142,8 @@ pub struct ExitCostResults {
     pub count: u64,
     pub repeats: u32,
     pub kernel: Option<kernel::BuildInfo>,
+    /// `lab` (kernel/lab.config) or `bench` (the same with CONFIG_JUMP_LABEL=y).
+    pub kernel_config: &'static str,
     pub variants: Vec<Variant>,
     pub checks: Vec<Check>,
     pub run_dirs: Vec<PathBuf>,
@@ -232,6 +261,39 @@ pub fn exit_cost(lab: &Lab, req: &ExitCostRequest) -> Result<i32> {
         ));
     }
     let p = lab.build()?;
+    let (config_name, fragment, baseline_dir) = if req.lab_kernel {
+        (
+            "lab",
+            lab.repo.join("kernel/lab.config"),
+            lab.cfg.build_dir.join("baseline"),
+        )
+    } else {
+        (
+            "bench",
+            bench_fragment(lab)?,
+            lab.cfg.build_dir.join("bench/baseline"),
+        )
+    };
+    // The patched kernel measured: the lab's, or the same series built with the bench's
+    // configuration.
+    let (patched, build_info) = if req.lab_kernel {
+        (p.kernel.clone(), p.build.clone())
+    } else {
+        progress::note(
+            "bench",
+            format!("building the patched kernel with lab.config + {BENCH_CONFIG}"),
+        );
+        let dirs = KernelDirs::new(&lab.cfg.build_dir.join("bench/patched"));
+        let info = kernel::build(
+            &dirs,
+            &KernelInputs {
+                source: lab.cfg.kernel_src.as_deref(),
+                patches_dir: Some(&lab.repo.join("kernel/patches")),
+                config_fragment: &fragment,
+            },
+        )?;
+        (dirs.bzimage(), Some(info))
+    };
     let baseline = match (&req.baseline, req.no_baseline) {
         (Some(f), _) => Some(f.clone()),
         (None, true) => None,
@@ -240,13 +302,13 @@ pub fn exit_cost(lab: &Lab, req: &ExitCostRequest) -> Result<i32> {
                 "bench",
                 "building the unpatched baseline kernel (same source and config)",
             );
-            let dirs = KernelDirs::new(&lab.cfg.build_dir.join("baseline"));
+            let dirs = KernelDirs::new(&baseline_dir);
             kernel::build(
                 &dirs,
                 &KernelInputs {
                     source: lab.cfg.kernel_src.as_deref(),
                     patches_dir: None,
-                    config_fragment: &lab.repo.join("kernel/lab.config"),
+                    config_fragment: &fragment,
                 },
             )?;
             Some(dirs.bzimage())
@@ -270,7 +332,7 @@ pub fn exit_cost(lab: &Lab, req: &ExitCostRequest) -> Result<i32> {
         "bench",
         format!("patched kernel, 1 vCPU: {r} x {m} CPUIDs per variant"),
     );
-    let a = boot_and_measure(lab, &p, &p.kernel, 1, steps, m, &mut run_dirs)?;
+    let a = boot_and_measure(lab, &p, &patched, 1, steps, m, &mut run_dirs)?;
     let mut variants = vec![
         Variant::new("on", "patched", "on", 0, 1, a[..r].to_vec()),
         Variant::new("off", "patched", "off", 0, 1, a[r..2 * r].to_vec()),
@@ -286,7 +348,7 @@ pub fn exit_cost(lab: &Lab, req: &ExitCostRequest) -> Result<i32> {
             steps.push(measure(LEAF, m));
         }
         progress::note("bench", format!("patched kernel, {v} vCPUs"));
-        let b = boot_and_measure(lab, &p, &p.kernel, v, steps, m, &mut run_dirs)?;
+        let b = boot_and_measure(lab, &p, &patched, v, steps, m, &mut run_dirs)?;
         variants.push(Variant::new(
             "on-wide",
             "patched",
@@ -345,13 +407,22 @@ pub fn exit_cost(lab: &Lab, req: &ExitCostRequest) -> Result<i32> {
         ));
     }
     let ok = checks.iter().all(|c| c.ok);
+    println!(
+        "kernels: {}",
+        if req.lab_kernel {
+            "the lab's configuration (kernel/lab.config: no jump labels)".to_string()
+        } else {
+            format!("kernel/lab.config + {BENCH_CONFIG}, patched and unpatched")
+        }
+    );
     print_exit_cost(&variants, &checks);
     let results = ExitCostResults {
         schema: "kvm-exit-lab/bench-exit-cost/v1",
         ok,
         count: m,
         repeats: req.repeats,
-        kernel: p.build.clone(),
+        kernel: build_info,
+        kernel_config: config_name,
         variants,
         checks,
         run_dirs,

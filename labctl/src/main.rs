@@ -164,6 +164,10 @@ struct ExitCostArgs {
     /// vCPUs of the VM for the many-vCPU leaf query cost (0 skips it).
     #[arg(long, value_name = "N", default_value = "8")]
     wide_vcpus: u32,
+    /// Measure the lab's own kernel configuration (no jump labels) instead of
+    /// lab.config + CONFIG_JUMP_LABEL=y, the way distributions build kernels.
+    #[arg(long)]
+    lab_kernel: bool,
 }
 
 #[derive(Args)]
@@ -377,6 +381,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                     baseline: b.baseline,
                     no_baseline: b.no_baseline,
                     wide_vcpus: b.wide_vcpus,
+                    lab_kernel: b.lab_kernel,
                 },
             )
         }
