@@ -194,7 +194,12 @@ pub fn svg(title: &str, r: &Recorded, e: &Events, phases: &[Phase]) -> String {
         pts.join(" ")
     );
     // Bottom: rate per sampling interval, as steps.
-    let rs = rates(r);
+    let rs: Vec<(u64, f64)> = r
+        .points
+        .iter()
+        .zip(rates(r))
+        .filter_map(|(p, v)| v.map(|v| (p.t_us, v)))
+        .collect();
     let max_rate = rs.iter().map(|(_, v)| *v).fold(1.0, f64::max);
     let max_rate = y_axis(&mut s, max_rate, BOT_Y, BOT_H, "exits per second");
     let mut steps = Vec::new();

@@ -250,6 +250,7 @@ fn secs(us: u64) -> f64 {
 
 pub fn phases(r: &Recorded, e: &Events) -> Vec<Phase> {
     let b = boundaries(e);
+    let rates = rates(r);
     let mut out = Vec::new();
     for (i, name) in PHASES.iter().enumerate() {
         let (Some(start), Some(end)) = (b[i], b[i + 1].or(r.points.last().map(|p| p.t_us))) else {
@@ -266,10 +267,12 @@ pub fn phases(r: &Recorded, e: &Events) -> Vec<Phase> {
                 kinds.insert(k.clone(), z.get(k).saturating_sub(a.get(k)));
             }
         }
-        let peak = rates(r)
-            .into_iter()
-            .filter(|(t, _)| *t > start && *t <= end)
-            .map(|(_, rate)| rate)
+        let peak = r
+            .points
+            .iter()
+            .zip(&rates)
+            .filter(|(p, _)| p.t_us > start && p.t_us <= end)
+            .filter_map(|(_, rate)| *rate)
             .fold(0.0, f64::max);
         out.push(Phase {
             name,
@@ -287,17 +290,17 @@ pub fn phases(r: &Recorded, e: &Events) -> Vec<Phase> {
     out
 }
 
-/// Exit rate (exits/s) over each interval between consecutive samples, at the interval's
-/// end.
-pub fn rates(r: &Recorded) -> Vec<(u64, f64)> {
-    r.points
-        .windows(2)
-        .filter(|w| w[1].t_us > w[0].t_us)
-        .map(|w| {
+/// Exit rate (exits/s) over the interval that ends at each sample; `None` for the first
+/// sample (and for one taken at the same time as the one before).
+pub fn rates(r: &Recorded) -> Vec<Option<f64>> {
+    let mut out = vec![None; r.points.len()];
+    for (i, w) in r.points.windows(2).enumerate() {
+        if w[1].t_us > w[0].t_us {
             let d = w[1].get(STAT_EXITS).saturating_sub(w[0].get(STAT_EXITS));
-            (w[1].t_us, d as f64 / secs(w[1].t_us - w[0].t_us))
-        })
-        .collect()
+            out[i + 1] = Some(d as f64 / secs(w[1].t_us - w[0].t_us));
+        }
+    }
+    out
 }
 
 /// The series' checks: monotonic counters, phases in order, the guest's reading inside
@@ -492,14 +495,8 @@ pub fn csv(r: &Recorded, e: &Events) -> String {
         "t_s,phase,tag,exits,exit_cycles,exits_per_s,{}\n",
         kinds.join(",")
     );
-    let mut prev: Option<&Point> = None;
-    for p in &r.points {
-        let rate = prev
-            .filter(|q| p.t_us > q.t_us)
-            .map(|q| {
-                p.get(STAT_EXITS).saturating_sub(q.get(STAT_EXITS)) as f64 / secs(p.t_us - q.t_us)
-            })
-            .map_or(String::new(), |x| format!("{x:.0}"));
+    for (p, rate) in r.points.iter().zip(rates(r)) {
+        let rate = rate.map_or(String::new(), |x| format!("{x:.0}"));
         let mut row = vec![
             format!("{:.6}", secs(p.t_us)),
             phase_at(p.t_us).to_string(),
@@ -511,7 +508,6 @@ pub fn csv(r: &Recorded, e: &Events) -> String {
         row.extend(kinds.iter().map(|k| p.get(k).to_string()));
         out.push_str(&row.join(","));
         out.push('\n');
-        prev = Some(p);
     }
     out
 }
