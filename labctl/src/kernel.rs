@@ -508,7 +508,10 @@ fn configure(dirs: &KernelDirs, fragment_path: &Path) -> Result<()> {
         )));
     }
     fs::write(stamp, want)?;
-    progress::note("kernel", "configured: tinyconfig + kernel/lab.config");
+    progress::note(
+        "kernel",
+        format!("configured: tinyconfig + {}", fragment_path.display()),
+    );
     Ok(())
 }
 
