@@ -722,6 +722,20 @@ pub fn record_boot(lab: &Lab, req: &RecordRequest) -> Result<i32> {
             out.display()
         )));
     }
+    if !complete {
+        // The boot ran, but the guest stopped before the end (its QEMU exited or the
+        // protocol went quiet): a crashed VM, not a failed check on a finished boot.
+        let why = run
+            .as_ref()
+            .and_then(|r| r.l2_vanished())
+            .unwrap_or_else(|| "it never reported boot done".into());
+        eprintln!(
+            "record-boot: the guest stopped before the end of its boot ({why}); the partial series ({} samples) is kept, marked incomplete, in {}",
+            r.points.len(),
+            out.display()
+        );
+        return Ok(crate::error::code::VM_CRASHED.into());
+    }
     Ok(if verify::all_ok(&checks) {
         0
     } else {

@@ -161,11 +161,27 @@ impl Lab {
     /// The results skeleton shared by all scenarios.
     pub fn results(&self, p: &Prepared, scenario: &str, run: &Run, checks: Vec<Check>) -> Results {
         let ok = verify::all_ok(&checks);
+        // A guest that vanished mid-run is a crashed VM (126), not a failed check (1).
+        let vanished = run.l2_vanished();
+        let exit_code = match (ok, &vanished) {
+            (true, _) => 0,
+            (false, Some(_)) => code::VM_CRASHED.into(),
+            (false, None) => code::SCENARIO_FAILED.into(),
+        };
+        let notes = vanished
+            .map(|why| {
+                format!(
+                    "L2 went away before it was done ({why}): a crashed VM, exit status 126; logs in {}",
+                    run.dir.display()
+                )
+            })
+            .into_iter()
+            .collect();
         Results {
             schema: crate::report::SCHEMA,
             scenario: scenario.into(),
             ok,
-            exit_code: if ok { 0 } else { code::SCENARIO_FAILED.into() },
+            exit_code,
             kernel: p.build.clone(),
             accel: AccelReport {
                 kind: p.accel.accel.name().into(),
@@ -186,7 +202,7 @@ impl Lab {
                 .collect(),
             checks,
             stress: None,
-            notes: vec![],
+            notes,
             timings: Timings {
                 l1_up_s: run.boot.l1_up.map(|d| d.as_secs_f64()),
                 l2_up_s: run.boot.l2_up.map(|d| d.as_secs_f64()),
@@ -250,6 +266,30 @@ impl Run {
                 _ => None,
             })
             .collect()
+    }
+
+    /// Why L2 went away before it reported done (its QEMU exited, or it stopped talking),
+    /// as L1 saw it; `None` if L2 finished or there was no L2.
+    pub fn l2_vanished(&self) -> Option<String> {
+        let l2_done = self.boot.msgs.iter().any(|m| {
+            matches!(
+                m,
+                Msg::Done {
+                    level: Level::L2,
+                    ..
+                }
+            )
+        });
+        if l2_done {
+            return None;
+        }
+        self.boot.msgs.iter().find_map(|m| match m {
+            Msg::Failed {
+                level: Level::L1,
+                error,
+            } if error.starts_with("L2") => Some(error.clone()),
+            _ => None,
+        })
     }
 
     pub fn done_ok(&self, level: Level) -> bool {
