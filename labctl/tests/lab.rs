@@ -40,16 +40,25 @@ fn labctl(args: &[&str]) -> Output {
     out
 }
 
-/// `labctl` for a run that boots the lab and expects no crash. L1 runs under QEMU's
-/// software emulation, which now and then crashes it (an Oops in L1's idle task or a
-/// silent reset, about once in 150 boots here, never twice in a row); such a run (125 or
-/// 126) is repeated once, loudly. A crash our code causes crashes both times and fails.
+/// A boot that takes longer than this has hung: normal boots here take under 2 minutes.
+const BOOT_TIMEOUT: &str = "300";
+
+/// `labctl` for a run that boots the lab and expects it to finish. L1 runs under QEMU's
+/// software emulation, which now and then crashes a VM or hangs L2 in early boot on its
+/// own (about once in 100 boots in the second session; never twice in a row); such a run
+/// (124, 125 or 126) is repeated once, loudly. A crash or hang our code causes happens
+/// both times and fails. Hung boots are cut at `BOOT_TIMEOUT` seconds.
 fn boot(args: &[&str]) -> Output {
-    let o = labctl(args);
+    let mut args: Vec<&str> = args.to_vec();
+    if !args.contains(&"--timeout") {
+        let at = if args[0] == "bench" { 2 } else { 1 };
+        args.splice(at..at, ["--timeout", BOOT_TIMEOUT]);
+    }
+    let o = labctl(&args);
     match code(&o) {
-        125 | 126 => {
+        124..=126 => {
             eprintln!(
-                "NOTE: labctl {} crashed a VM (status {}); running it once more. The first run's logs: {}",
+                "NOTE: labctl {} hung or crashed a VM (status {}); running it once more. The first run's logs: {}",
                 args.join(" "),
                 code(&o),
                 stderr(&o)
@@ -58,7 +67,7 @@ fn boot(args: &[&str]) -> Output {
                     .collect::<Vec<_>>()
                     .join("; ")
             );
-            labctl(args)
+            labctl(&args)
         }
         _ => o,
     }
