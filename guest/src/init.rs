@@ -144,16 +144,18 @@ fn run(level: Level, tx: &Sender, reader: File) -> Result<bool> {
                 true
             }
             Step::Checkpoint { tag } => {
-                tx.send(&Msg::Checkpoint { tag: tag.clone() });
-                port::wait_resume(&mut reader)?;
+                port::request(tx, &mut reader, &Msg::Checkpoint { tag: tag.clone() })?;
                 true
             }
             Step::SetKvmParam { name, value } => {
-                tx.send(&Msg::SetKvmParam {
-                    name: name.clone(),
-                    value: value.clone(),
-                });
-                port::wait_resume(&mut reader)?;
+                port::request(
+                    tx,
+                    &mut reader,
+                    &Msg::SetKvmParam {
+                        name: name.clone(),
+                        value: value.clone(),
+                    },
+                )?;
                 true
             }
             Step::Idle { ms } => {
@@ -290,7 +292,10 @@ fn l2_spec(vm: &VmJob) -> Result<VmSpec> {
                 d.cmdline.clone(),
                 vec![
                     "-drive".to_string(),
-                    format!("file={},if=virtio,format=raw,cache=unsafe", d.disk),
+                    format!(
+                        "file={},if=virtio,format=raw,cache=unsafe",
+                        vm::esc(&d.disk)
+                    ),
                 ],
             )
         }
@@ -335,7 +340,7 @@ impl Clock {
         // While KVM destroys the VM its files go one by one: a sample without the exit
         // count is of a VM that is gone, not a VM with no exits.
         if !stats.contains_key(STAT_EXITS) {
-            return Err(kvmstats::StatsError::NoDebugfs(-1));
+            return Err(kvmstats::StatsError::VmGone);
         }
         Ok((t_us, stats))
     }

@@ -21,6 +21,8 @@ use serde_json::{json, Value};
 pub enum StatsError {
     #[error("no KVM debugfs directory for process {0} under /sys/kernel/debug/kvm (is debugfs mounted and CONFIG_DEBUG_FS set?)")]
     NoDebugfs(i32),
+    #[error("the VM is being destroyed: its statistics are going away")]
+    VmGone,
     #[error("QMP: {0}")]
     Qmp(String),
     #[error("{what}: {source}")]

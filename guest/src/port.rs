@@ -47,8 +47,15 @@ pub fn open_tty(path: &str) -> Result<(File, File)> {
     Ok((tty, reader))
 }
 
+/// Sends a request that L1 answers (a checkpoint, a parameter to set) and waits for the
+/// answer.
+pub fn request<R: std::io::Read>(tx: &Sender, reader: &mut BufReader<R>, msg: &Msg) -> Result<()> {
+    tx.send(msg);
+    wait_resume(reader)
+}
+
 /// Waits until the port delivers `Msg::Resume` (or `Msg::Refused`), ignoring anything else.
-pub fn wait_resume<R: std::io::Read>(reader: &mut BufReader<R>) -> Result<()> {
+fn wait_resume<R: std::io::Read>(reader: &mut BufReader<R>) -> Result<()> {
     let mut line = String::new();
     loop {
         line.clear();

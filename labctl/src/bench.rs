@@ -261,24 +261,18 @@ pub fn exit_cost(lab: &Lab, req: &ExitCostRequest) -> Result<i32> {
         ));
     }
     let p = lab.build()?;
-    let (config_name, fragment, baseline_dir) = if req.lab_kernel {
+    // The kernels measured: the lab's own, or the same series and source built with the
+    // bench's configuration; the baseline is built with the same fragment.
+    let (config_name, fragment, baseline_dir, patched, build_info) = if req.lab_kernel {
         (
             "lab",
             lab.repo.join("kernel/lab.config"),
             lab.cfg.build_dir.join("baseline"),
+            p.kernel.clone(),
+            p.build.clone(),
         )
     } else {
-        (
-            "bench",
-            bench_fragment(lab)?,
-            lab.cfg.build_dir.join("bench/baseline"),
-        )
-    };
-    // The patched kernel measured: the lab's, or the same series built with the bench's
-    // configuration.
-    let (patched, build_info) = if req.lab_kernel {
-        (p.kernel.clone(), p.build.clone())
-    } else {
+        let fragment = bench_fragment(lab)?;
         progress::note(
             "bench",
             format!("building the patched kernel with lab.config + {BENCH_CONFIG}"),
@@ -292,7 +286,13 @@ pub fn exit_cost(lab: &Lab, req: &ExitCostRequest) -> Result<i32> {
                 config_fragment: &fragment,
             },
         )?;
-        (dirs.bzimage(), Some(info))
+        (
+            "bench",
+            fragment,
+            lab.cfg.build_dir.join("bench/baseline"),
+            dirs.bzimage(),
+            Some(info),
+        )
     };
     let baseline = match (&req.baseline, req.no_baseline) {
         (Some(f), _) => Some(f.clone()),

@@ -29,7 +29,7 @@ use clap::ValueEnum;
 use exitlab_proto::job::{DiskBoot, Job, Level, Recording, Step, VmJob};
 use exitlab_proto::leaf::ExitStats;
 use exitlab_proto::msg::{sample_stats, Msg, Stream, STAT_EXITS, STAT_EXIT_CYCLES};
-use exitlab_proto::vm::l1;
+use exitlab_proto::vm::{self, l1};
 use serde::Serialize;
 
 use crate::debian;
@@ -201,13 +201,17 @@ fn is_first_process(line: &str) -> bool {
     line.contains("Run ") && line.contains(" as init process")
 }
 
+/// systemd's status line for multi-user.target (Debian): login prompts are up.
+fn is_login_ready(line: &str) -> bool {
+    line.contains("Reached target") && line.contains("Multi-User System")
+}
+
 pub fn events(r: &Recorded) -> Events {
     Events {
         vm_created_us: r.created_us,
         kernel_us: r.first_line(|l| l.contains(KERNEL_MARKER)),
         userspace_us: r.first_line(is_first_process),
-        login_ready_us: r
-            .first_line(|l| l.contains("Reached target") && l.contains("Multi-User System")),
+        login_ready_us: r.first_line(is_login_ready),
         boot_done_us: r.tagged(AFTER).map(|p| p.t_us),
         idle_end_us: r.tagged(IDLE_END).map(|p| p.t_us),
         vm_exited_us: r.exited_us,
@@ -595,7 +599,7 @@ pub fn record_boot(lab: &Lab, req: &RecordRequest) -> Result<i32> {
                 "-drive".to_string(),
                 format!(
                     "file={},if=virtio,format=raw,snapshot=on",
-                    img.disk.display().to_string().replace(',', ",,")
+                    vm::esc(&img.disk.display().to_string())
                 ),
             ];
             (l2_job(lab, req, Some(disk)), files, extra)
@@ -621,10 +625,7 @@ pub fn record_boot(lab: &Lab, req: &RecordRequest) -> Result<i32> {
             t_us: Some(t),
         } = m
         {
-            if line.contains(KERNEL_MARKER)
-                || is_first_process(line)
-                || line.contains("Multi-User System")
-            {
+            if line.contains(KERNEL_MARKER) || is_first_process(line) || is_login_ready(line) {
                 progress::note("record", format!("{:>8.2} s  {}", secs(*t), line.trim()));
             }
         }

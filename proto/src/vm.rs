@@ -71,7 +71,7 @@ pub struct VmSpec {
 }
 
 /// QEMU option values are comma separated; a literal comma is written twice.
-fn esc(path: &str) -> String {
+pub fn esc(path: &str) -> String {
     path.replace(',', ",,")
 }
 

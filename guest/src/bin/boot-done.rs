@@ -39,8 +39,8 @@ fn run() -> Result<()> {
     let mut reader = BufReader::new(reader);
     tx.send(&init::hello(Level::L2));
     let checkpoint = |tag: &str, reader: &mut BufReader<_>| {
-        tx.send(&Msg::Checkpoint { tag: tag.into() });
-        port::wait_resume(reader).with_context(|| format!("checkpoint {tag}"))
+        port::request(&tx, reader, &Msg::Checkpoint { tag: tag.into() })
+            .with_context(|| format!("checkpoint {tag}"))
     };
     checkpoint(BEFORE, &mut reader)?;
     let stats = leaf::read().context("reading CPUID 0x4FFFFFFF")?;
