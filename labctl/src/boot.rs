@@ -300,6 +300,15 @@ pub fn new_run_dir(build_dir: &Path, scenario: &str) -> Result<PathBuf> {
         std::process::id()
     ));
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    // `labctl soak` learns which runs its child made from this file.
+    if let Some(list) = std::env::var_os(crate::soak::RUNS_FILE_ENV) {
+        let mut f = OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&list)
+            .with_context(|| format!("opening {}", Path::new(&list).display()))?;
+        writeln!(f, "{}", dir.canonicalize().unwrap_or(dir.clone()).display())?;
+    }
     Ok(dir)
 }
 

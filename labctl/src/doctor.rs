@@ -26,122 +26,51 @@ pub enum Need {
 
 pub struct Requirement {
     pub need: Need,
+    /// The Debian package that provides it; `-` for what apt does not install (Rust).
     pub package: &'static str,
     pub why: &'static str,
 }
 
-pub const REQUIREMENTS: &[Requirement] = &[
-    Requirement {
-        need: Need::Executable("qemu-system-x86_64"),
-        package: "qemu-system-x86",
-        why: "runs L1, and is copied into L1 to run L2",
-    },
-    Requirement {
-        need: Need::Firmware("bios-256k.bin"),
-        package: "seabios",
-        why: "BIOS of L2 (-M pc)",
-    },
-    Requirement {
-        need: Need::Firmware("linuxboot_dma.bin"),
-        package: "qemu-system-data",
-        why: "-kernel boot of L2",
-    },
-    Requirement {
-        need: Need::Firmware("kvmvapic.bin"),
-        package: "qemu-system-data",
-        why: "KVM-accelerated -M pc",
-    },
-    Requirement {
-        need: Need::KernelSource,
-        package: SOURCE_PACKAGE,
-        why: "the kernel the patches apply to",
-    },
-    Requirement {
-        need: Need::Executable("make"),
-        package: "make",
-        why: "kernel build",
-    },
-    Requirement {
-        need: Need::Executable("gcc"),
-        package: "gcc",
-        why: "kernel and selftest build",
-    },
-    Requirement {
-        need: Need::Executable("flex"),
-        package: "flex",
-        why: "kernel build (kconfig)",
-    },
-    Requirement {
-        need: Need::Executable("bison"),
-        package: "bison",
-        why: "kernel build (kconfig)",
-    },
-    Requirement {
-        need: Need::Executable("bc"),
-        package: "bc",
-        why: "kernel build",
-    },
-    Requirement {
-        need: Need::Executable("perl"),
-        package: "perl",
-        why: "kernel build, checkpatch.pl",
-    },
-    Requirement {
-        need: Need::File("/usr/include/libelf.h"),
-        package: "libelf-dev",
-        why: "objtool",
-    },
-    Requirement {
-        need: Need::File("/usr/include/openssl/ssl.h"),
-        package: "libssl-dev",
-        why: "kernel build host tools",
-    },
-    Requirement {
-        need: Need::Executable("patch"),
-        package: "patch",
-        why: "applying kernel/patches",
-    },
-    Requirement {
-        need: Need::Executable("tar"),
-        package: "tar",
-        why: "unpacking the kernel source",
-    },
-    Requirement {
-        need: Need::Executable("xz"),
-        package: "xz-utils",
-        why: "unpacking the kernel source",
-    },
-    Requirement {
-        need: Need::Executable("ldd"),
-        package: "libc-bin",
-        why: "finding QEMU's libraries",
-    },
-    Requirement {
-        need: Need::Executable("rsvg-convert"),
-        package: "librsvg2-bin",
-        why: "record-boot: the plot as PNG",
-    },
-    Requirement {
-        need: Need::File("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"),
-        package: "fonts-dejavu-core",
-        why: "record-boot: the plot's text",
-    },
-    Requirement {
-        need: Need::Executable("debootstrap"),
-        package: "debootstrap",
-        why: "record-boot --guest debian: the Debian image",
-    },
-    Requirement {
-        need: Need::Executable("mkfs.ext4"),
-        package: "e2fsprogs",
-        why: "record-boot --guest debian: the Debian disk",
-    },
-    Requirement {
-        need: Need::Executable("cargo"),
-        package: "cargo",
-        why: "building the guest programs",
-    },
-];
+/// The one list of what the lab needs: `scripts/install-deps` installs its packages, and
+/// `labctl doctor` checks every need in it.
+pub const DEPS_LIST: &str = include_str!("../../scripts/deps.list");
+
+/// One line of `scripts/deps.list`: `package need why...`.
+fn parse_requirement(line: &'static str) -> Result<Requirement, String> {
+    let mut rest = line.trim();
+    let mut word = || {
+        let w = rest.split_whitespace().next().unwrap_or("");
+        rest = rest[w.len()..].trim_start();
+        w
+    };
+    let (package, need) = (word(), word());
+    let need = match need.split_once(':') {
+        Some(("exe", n)) if !n.is_empty() => Need::Executable(n),
+        Some(("file", f)) if f.starts_with('/') => Need::File(f),
+        Some(("firmware", n)) if !n.is_empty() => Need::Firmware(n),
+        None if need == "kernel-source" => Need::KernelSource,
+        _ => return Err(format!("{line:?}: unknown need {need:?}")),
+    };
+    if rest.is_empty() {
+        return Err(format!("{line:?}: says not why"));
+    }
+    Ok(Requirement {
+        need,
+        package,
+        why: rest,
+    })
+}
+
+pub fn parse_requirements(text: &'static str) -> Result<Vec<Requirement>, String> {
+    text.lines()
+        .filter(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+        .map(parse_requirement)
+        .collect()
+}
+
+pub static REQUIREMENTS: std::sync::LazyLock<Vec<Requirement>> = std::sync::LazyLock::new(|| {
+    parse_requirements(DEPS_LIST).expect("scripts/deps.list is checked by a unit test")
+});
 
 pub fn which(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
@@ -204,13 +133,27 @@ fn describe(need: Need) -> String {
     }
 }
 
-fn install_command(packages: &[&str]) -> String {
-    let sudo = if nix::unistd::geteuid().is_root() {
-        ""
-    } else {
-        "sudo "
-    };
-    format!("{sudo}apt-get install -y {}", packages.join(" "))
+/// What to type to get `missing` (requirements): apt for packages, rustup for Rust.
+fn install_advice(missing: &[&Requirement]) -> String {
+    let mut packages: Vec<&str> = Vec::new();
+    for r in missing {
+        if r.package != "-" && !packages.contains(&r.package) {
+            packages.push(r.package);
+        }
+    }
+    let mut advice = Vec::new();
+    if !packages.is_empty() {
+        let sudo = if nix::unistd::geteuid().is_root() {
+            ""
+        } else {
+            "sudo "
+        };
+        advice.push(format!("{sudo}apt-get install -y {}", packages.join(" ")));
+    }
+    if missing.iter().any(|r| r.package == "-") {
+        advice.push("Rust 1.85 or newer from rustup (https://rustup.rs)".into());
+    }
+    advice.join("\n  and: ")
 }
 
 /// Fails with the install command if any of `needs` is missing.
@@ -222,16 +165,14 @@ pub fn require(needs: &[Need]) -> anyhow::Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    let mut pkgs: Vec<&str> = missing.iter().map(|r| r.package).collect();
-    pkgs.dedup();
     let what: Vec<String> = missing
         .iter()
         .map(|r| format!("{} (package {})", describe(r.need), r.package))
         .collect();
     Err(setup(format!(
-        "missing: {}\n  install with: {}\n  (`labctl doctor` lists everything the lab needs)",
+        "missing: {}\n  install with: {}\n  (`labctl doctor` lists everything the lab needs; scripts/install-deps installs it)",
         what.join(", "),
-        install_command(&pkgs)
+        install_advice(&missing)
     )))
 }
 
@@ -239,21 +180,21 @@ pub fn require(needs: &[Need]) -> anyhow::Result<()> {
 pub fn report() -> bool {
     let mut missing = Vec::new();
     println!("{:<32} {:<8} {:<20} why", "needs", "status", "package");
-    for r in REQUIREMENTS {
+    for r in REQUIREMENTS.iter() {
         let found = present(r.need);
-        let status = if found.is_some() { "ok" } else { "MISSING" };
         println!(
             "{:<32} {:<8} {:<20} {}{}",
             describe(r.need),
-            status,
+            if found.is_some() { "ok" } else { "MISSING" },
             r.package,
             r.why,
             found
+                .as_ref()
                 .map(|p| format!(" [{}]", p.display()))
                 .unwrap_or_default()
         );
-        if status == "MISSING" && !missing.contains(&r.package) {
-            missing.push(r.package);
+        if found.is_none() {
+            missing.push(r);
         }
     }
     if missing.is_empty() {
@@ -261,9 +202,61 @@ pub fn report() -> bool {
         true
     } else {
         println!(
-            "\nInstall what is missing with:\n  {}",
-            install_command(&missing)
+            "\nInstall what is missing with:\n  {}\n(or run scripts/install-deps)",
+            install_advice(&missing)
         );
         false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_deps_list_parses_and_names_what_the_build_runs() {
+        let reqs = parse_requirements(DEPS_LIST).unwrap();
+        let exes: Vec<&str> = reqs
+            .iter()
+            .filter_map(|r| match r.need {
+                Need::Executable(n) => Some(n),
+                _ => None,
+            })
+            .collect();
+        // Every program the build and the boots run (make headers_install runs rsync).
+        for exe in [
+            "qemu-system-x86_64",
+            "make",
+            "gcc",
+            "flex",
+            "bison",
+            "bc",
+            "perl",
+            "rsync",
+            "patch",
+            "tar",
+            "xz",
+            "gzip",
+            "ldd",
+            "cargo",
+        ] {
+            assert!(exes.contains(&exe), "{exe} missing from scripts/deps.list");
+        }
+        assert!(reqs.iter().any(|r| r.need == Need::KernelSource));
+        assert!(reqs
+            .iter()
+            .all(|r| !r.package.is_empty() && !r.why.is_empty()));
+    }
+
+    #[test]
+    fn bad_lines_are_refused() {
+        assert!(parse_requirements("pkg exe:x\n").is_err());
+        assert!(parse_requirements("pkg thing:x why\n").is_err());
+        assert!(parse_requirements("pkg file:relative why\n").is_err());
+        let r = parse_requirements("# c\n\npkg exe:x does  it\n").unwrap();
+        assert_eq!(
+            (r[0].package, r[0].need, r[0].why),
+            ("pkg", Need::Executable("x"), "does  it")
+        );
     }
 }

@@ -118,9 +118,13 @@ pub fn build(dirs: &KernelDirs, inputs: &KernelInputs) -> Result<BuildInfo> {
         Need::Executable("bison"),
         Need::Executable("bc"),
         Need::Executable("perl"),
+        Need::Executable("rsync"),
         Need::File("/usr/include/libelf.h"),
+        Need::File("/usr/include/openssl/ssl.h"),
         Need::Executable("patch"),
         Need::Executable("tar"),
+        Need::Executable("xz"),
+        Need::Executable("gzip"),
     ])?;
     let source = match inputs.source {
         Some(p) => p.to_path_buf(),

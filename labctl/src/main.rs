@@ -18,6 +18,7 @@ mod progress;
 mod record;
 mod report;
 mod scenario;
+mod soak;
 mod verify;
 
 use std::path::PathBuf;
@@ -66,6 +67,9 @@ enum Command {
     KernelCheck(LabArgs),
     /// List what the lab needs from this machine, and how to install what is missing.
     Doctor,
+    /// Run a scenario N times: each run's outcome, time and stalls, and the failure and
+    /// stall rates (e.g. `labctl soak --runs 100 lab`, `labctl soak --runs 30 stress --vcpus 4`).
+    Soak(SoakArgs),
 }
 
 #[derive(Args, Clone, Default)]
@@ -233,6 +237,23 @@ struct RecordArgs {
     out: Option<PathBuf>,
 }
 
+#[derive(Args)]
+struct SoakArgs {
+    /// How many times to run the scenario.
+    #[arg(long, value_name = "N", default_value = "10")]
+    runs: u32,
+    /// Where to write the summary (default: build/runs/soak-<scenario>-<pid>.yaml).
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
+    /// The scenario and its options, as you would type them after `labctl`.
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "SCENARIO [OPTIONS]"
+    )]
+    command: Vec<String>,
+}
+
 /// Memory of the Debian guest unless --memory says otherwise, and what L1 then needs.
 const DEBIAN_MEMORY_MIB: u32 = 1024;
 const DEBIAN_L1_MEMORY_MIB: u32 = 1792;
@@ -299,6 +320,24 @@ fn lab_from(cli_config: Option<PathBuf>, repo: Option<PathBuf>, a: LabArgs) -> a
 
 fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
+        Command::Soak(a) => {
+            let mut global = Vec::new();
+            if let Some(c) = cli.config {
+                global.extend(["--config".into(), c.display().to_string()]);
+            }
+            if let Some(r) = cli.repo {
+                global.extend(["--repo".into(), r.display().to_string()]);
+            }
+            soak::soak(
+                &xshell::Shell::new()?,
+                &soak::SoakRequest {
+                    runs: a.runs,
+                    command: a.command,
+                    global,
+                    out: a.out,
+                },
+            )
+        }
         Command::Doctor => Ok(if doctor::report() {
             0
         } else {

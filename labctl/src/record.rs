@@ -651,6 +651,7 @@ pub fn record_boot(lab: &Lab, req: &RecordRequest) -> Result<i32> {
                 },
             ),
         );
+        checks.push(run.no_stalls());
     }
     let files_out = BTreeMap::from([
         ("csv", out.join("samples.csv")),

@@ -159,7 +159,14 @@ impl Lab {
     }
 
     /// The results skeleton shared by all scenarios.
-    pub fn results(&self, p: &Prepared, scenario: &str, run: &Run, checks: Vec<Check>) -> Results {
+    pub fn results(
+        &self,
+        p: &Prepared,
+        scenario: &str,
+        run: &Run,
+        mut checks: Vec<Check>,
+    ) -> Results {
+        checks.push(run.no_stalls());
         let ok = verify::all_ok(&checks);
         // A guest that vanished mid-run is a crashed VM (126), not a failed check (1).
         let vanished = run.l2_vanished();
@@ -290,6 +297,11 @@ impl Run {
             } if error.starts_with("L2") => Some(error.clone()),
             _ => None,
         })
+    }
+
+    /// The `no-stalls` check over both consoles of this run.
+    pub fn no_stalls(&self) -> Check {
+        verify::no_stalls(&[("L1", &self.logs.l1_console), ("L2", &self.logs.l2_console)])
     }
 
     pub fn done_ok(&self, level: Level) -> bool {

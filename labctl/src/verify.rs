@@ -39,6 +39,53 @@ pub fn all_ok(checks: &[Check]) -> bool {
     checks.iter().all(|c| c.ok)
 }
 
+/// What a guest kernel prints when it stalled: its timers did not fire, a CPU made no
+/// progress, or the time between two readings of its clock stretched to seconds. Each is
+/// a lab that did not work as it should, whatever the scenario's own checks say.
+pub const STALL_SIGNS: &[&str] = &[
+    "detected stalls on CPUs",
+    "self-detected stall on CPU",
+    "kthread timer wakeup didn't happen",
+    "kthread starved for",
+    "watchdog: BUG: soft lockup",
+    "BUG: workqueue lockup",
+    "blocked for more than",
+    "Long readout interval, skipping watchdog check",
+];
+
+/// The console lines that show a stall, at most `max` of them.
+pub fn stall_lines(console: &str, max: usize) -> Vec<String> {
+    console
+        .lines()
+        .filter(|l| STALL_SIGNS.iter().any(|s| l.contains(s)))
+        .take(max)
+        .map(|l| l.trim().to_string())
+        .collect()
+}
+
+/// `no-stalls`: neither L1's nor L2's console shows a stall.
+pub fn no_stalls(consoles: &[(&str, &std::path::Path)]) -> Check {
+    let mut found = Vec::new();
+    for (who, path) in consoles {
+        let text = std::fs::read(path).unwrap_or_default();
+        for l in stall_lines(&String::from_utf8_lossy(&text), 3) {
+            found.push(format!("{who}: {l}"));
+        }
+    }
+    Check::new(
+        "no-stalls",
+        found.is_empty(),
+        if found.is_empty() {
+            "no RCU stall, lost timer wake-up, soft lockup or stretched clock read in L1's or L2's console".to_string()
+        } else {
+            format!(
+                "the guest stalled (a lab that stalls is broken, see README \"Reliability\"): {}",
+                found.join(" | ")
+            )
+        },
+    )
+}
+
 /// The VM totals KVM reports, as the leaf would: exits mod 2^32, cycles.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct HostTotals {
