@@ -653,6 +653,9 @@ pub fn record_boot(lab: &Lab, req: &RecordRequest) -> Result<i32> {
         );
         checks.push(run.no_stalls());
     }
+    if let Some(c) = idle_check(&phases, req.idle_s) {
+        checks.push(c);
+    }
     let files_out = BTreeMap::from([
         ("csv", out.join("samples.csv")),
         ("yaml", out.join("summary.yaml")),
@@ -745,6 +748,21 @@ pub fn record_boot(lab: &Lab, req: &RecordRequest) -> Result<i32> {
     })
 }
 
+/// `idle-as-asked`: the booted guest idled as long as asked, within 10 % (at least
+/// 0.1 s): a guest whose timers fire late sleeps on, and its idle figures mean nothing.
+pub fn idle_check(phases: &[Phase], asked_s: u32) -> Option<Check> {
+    let p = phases.iter().find(|p| p.name == "idle")?;
+    let (secs, asked) = (p.end_s - p.start_s, f64::from(asked_s));
+    let slack = (asked * 0.1).max(0.1);
+    Some(Check::new(
+        "idle-as-asked",
+        secs >= asked && secs <= asked + slack,
+        format!(
+            "idle phase {secs:.2} s for the {asked_s} s asked (goal: within {slack:.2} s over)"
+        ),
+    ))
+}
+
 fn print_table(
     s: &Summary,
     phases: &[Phase],
@@ -782,6 +800,33 @@ fn print_table(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn idle_must_last_what_was_asked() {
+        let phase = |name, start_s, end_s| Phase {
+            name,
+            start_s,
+            end_s,
+            exits: 0,
+            exit_cycles: 0,
+            exits_per_s: 0.0,
+            peak_exits_per_s: 0.0,
+            kinds: BTreeMap::new(),
+        };
+        let ok = |start, end, asked| {
+            idle_check(
+                &[phase("kernel", 0.0, 1.0), phase("idle", start, end)],
+                asked,
+            )
+            .unwrap()
+            .ok
+        };
+        assert!(ok(6.65, 11.70, 5));
+        assert!(!ok(6.65, 45.0, 5), "a guest that slept on");
+        assert!(!ok(6.0, 10.0, 5), "a short idle");
+        assert!(ok(2.0, 3.08, 1));
+        assert!(idle_check(&[phase("kernel", 0.0, 1.0)], 5).is_none());
+    }
 
     fn point(t_ms: u64, exits: u64, tag: Option<&str>) -> Msg {
         Msg::Sample {

@@ -43,11 +43,12 @@ fn labctl(args: &[&str]) -> Output {
 /// A boot that takes longer than this has hung: normal boots here take under 2 minutes.
 const BOOT_TIMEOUT: &str = "300";
 
-/// `labctl` for a run that boots the lab and expects it to finish. L1 runs under QEMU's
-/// software emulation, which now and then crashes a VM or hangs L2 in early boot on its
-/// own (about once in 100 boots in the second session; never twice in a row); such a run
-/// (124, 125 or 126) is repeated once, loudly. A crash or hang our code causes happens
-/// both times and fails. Hung boots are cut at `BOOT_TIMEOUT` seconds.
+/// `labctl` for a run that boots the lab and expects it to finish. Hung boots are cut at
+/// `BOOT_TIMEOUT` seconds and fail: the lost timer wake-ups that used to hang L2 were a
+/// KVM bug, fixed in kernel/patches/0005. A crashed VM (125, 126) is repeated once,
+/// loudly: QEMU's TCG emulation of nested SVM still crashes a VM now and then (an L2
+/// page fault on IRET that recurses until its stack overflows; README, "Reliability"),
+/// which is not root-caused. A crash our code causes happens both times and fails.
 fn boot(args: &[&str]) -> Output {
     let mut args: Vec<&str> = args.to_vec();
     if !args.contains(&"--timeout") {
@@ -56,9 +57,9 @@ fn boot(args: &[&str]) -> Output {
     }
     let o = labctl(&args);
     match code(&o) {
-        124..=126 => {
+        125 | 126 => {
             eprintln!(
-                "NOTE: labctl {} hung or crashed a VM (status {}); running it once more. The first run's logs: {}",
+                "NOTE: labctl {} crashed a VM (status {}); running it once more. The first run's logs: {}",
                 args.join(" "),
                 code(&o),
                 stderr(&o)
@@ -137,7 +138,14 @@ fn lab_prints_growing_readings_that_match_kvm_statistics() {
     let names: Vec<_> = checks.iter().map(|c| c["name"].as_str().unwrap()).collect();
     assert_eq!(
         names,
-        ["ran", "format", "nonzero", "growing", "matches-kvm-stats"]
+        [
+            "ran",
+            "format",
+            "nonzero",
+            "growing",
+            "matches-kvm-stats",
+            "no-stalls"
+        ]
     );
     assert!(checks.iter().all(|c| c["ok"].as_bool() == Some(true)));
     // The results file holds the same readings as stdout, and KVM's own totals bound them.
@@ -166,6 +174,48 @@ fn lab_prints_growing_readings_that_match_kvm_statistics() {
     assert_eq!(y["kernel"]["patches"].as_sequence().unwrap().len(), patches);
     assert!(y["kernel"]["version"].as_str().unwrap().starts_with("6.12"));
     assert!(y["l2"]["kernel"].as_str().unwrap().starts_with("6.12"));
+}
+
+/// The host's TSC rate in kHz, measured against the monotonic clock over 200 ms. Under
+/// TCG, L1's TSC is the host's, so this is the rate L1 refines its calibration to.
+fn host_tsc_khz() -> u64 {
+    // SAFETY: RDTSC has no preconditions on x86-64.
+    let tsc = || unsafe { core::arch::x86_64::_rdtsc() };
+    let (t0, c0) = (std::time::Instant::now(), tsc());
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let (t1, c1) = (t0.elapsed(), tsc());
+    ((c1 - c0) as f64 / t1.as_secs_f64() / 1000.0) as u64
+}
+
+/// The L2 stalls' root cause, reproduced: an L1 whose early TSC calibration is 0.4 % below
+/// the refined one makes KVM create L2's vCPUs with a TSC rate it cannot set ("user
+/// requested TSC rate below hardware speed"). Without kernel/patches/0005 the vCPU's TSC
+/// multiplier stayed zero, KVM's view of L2's TSC froze, and every TSC-deadline timer of
+/// L2 fired seconds late (RCU stalls, a 20 s then 41 s "Long readout interval"). With it,
+/// the lab passes every check, `no-stalls` included.
+#[test]
+fn a_tsc_rate_kvm_cannot_set_does_not_stall_l2() {
+    assert!(
+        !host_can_nest_with_kvm(),
+        "this test reproduces a TCG-only condition (L1's TSC is the host's); with hardware KVM for L1 it does not apply: run it on a host without VT-x/AMD-V"
+    );
+    let _g = lab_lock();
+    let khz = host_tsc_khz() * 996 / 1000;
+    let arg = format!("tsc_early_khz={khz}");
+    let o = boot(&["lab", "--l1-cmdline", &arg]);
+    let y = results(&o);
+    let l1 = std::fs::read_to_string(y["logs"]["l1_console"].as_str().unwrap()).unwrap();
+    assert!(
+        l1.contains("user requested TSC rate below hardware speed"),
+        "the condition was not reproduced: L1 did not refuse L2's TSC rate ({arg})"
+    );
+    assert_eq!(code(&o), 0, "the lab failed with L2's TSC rate refused");
+    let checks = y["checks"].as_sequence().unwrap();
+    let stalls = checks
+        .iter()
+        .find(|c| c["name"].as_str() == Some("no-stalls"))
+        .expect("a no-stalls check");
+    assert_eq!(stalls["ok"].as_bool(), Some(true), "{stalls:?}");
 }
 
 #[test]
@@ -758,21 +808,14 @@ fn record_boot_of_the_minimal_guest_is_a_checked_series() {
         order,
         ["firmware", "kernel", "userspace", "idle", "shutdown"]
     );
-    // The idle phase lasted at least the second asked for. It can last much longer: the
-    // lab's kernel as L2 sometimes loses timer wake-ups while idle under the emulated L1
-    // (README, question 3, "Seen and left"), and then sleeps on; that is reported, not
-    // failed, because it is the emulation's and the phase boundaries stay right.
+    // The idle phase lasted the second asked for, within 10 %: L2's timers fire on time
+    // (they did not before kernel/patches/0005).
     let idle = &y["phases"][3];
     let secs = idle["end_s"].as_f64().unwrap() - idle["start_s"].as_f64().unwrap();
     assert!(
-        secs >= 1.0,
-        "idle phase {secs} s, shorter than the 1 s asked for"
+        (1.0..=1.1).contains(&secs),
+        "idle phase {secs} s for the 1 s asked"
     );
-    if secs > 1.5 {
-        eprintln!(
-            "NOTE: L2 idled {secs:.1} s for the 1 s asked: a lost timer wake-up (see README)"
-        );
-    }
     // The guest's own reading sits between the two checkpoints around it.
     let at = |name: &str| -> u64 {
         rows.iter().find(|r| r[tag] == name).unwrap()[exits]
