@@ -52,7 +52,8 @@
         pname = "linux-kvm-exit-lab";
         inherit (linux) version src;
         patches = kernelPatches;
-        nativeBuildInputs = with pkgs; [ bc bison flex perl elfutils openssl python3 ];
+        # rsync: `make headers_install` runs it (the selftest needs the UAPI headers).
+        nativeBuildInputs = with pkgs; [ bc bison flex perl elfutils openssl python3 rsync ];
         postPatch = ''
           patchShebangs scripts tools
         '';

@@ -129,6 +129,8 @@ pub fn boot(spec: &BootSpec, logs: &RunLogs, mut on_msg: impl FnMut(&Msg)) -> Re
     let qemu = &spec.qemu;
     let args = vm.args();
     let mut command: std::process::Command = cmd!(sh, "{qemu} {args...}").into();
+    // QEMU goes with labctl, whatever ends labctl (Ctrl-C, kill, a panic).
+    crate::lock::die_with_labctl(&mut command, libc::SIGKILL);
     let mut child = command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

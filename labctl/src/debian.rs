@@ -118,6 +118,8 @@ fn build(out: &Path, recipe: Recipe, boot_done: &Path) -> Result<DebianImage> {
         ));
     }
     fs::create_dir_all(out)?;
+    // The stamp goes first and comes back last: a build cut short is never taken as done.
+    let _ = fs::remove_file(out.join("image.yaml"));
     let root = bootstrap(out)?;
     let p = Progress::new("debian");
     configure(&root, boot_done)?;

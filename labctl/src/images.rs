@@ -210,18 +210,28 @@ pub fn assemble(files: &[ImageFile], out: &Path) -> Result<bool> {
     if let Some(d) = out.parent() {
         fs::create_dir_all(d)?;
     }
+    // The image is written aside and renamed into place, and its stamp written last: an
+    // interrupted or failed write (a full disk) leaves nothing that a later run would use.
+    let _ = fs::remove_file(&stamp);
     let tmp = out.with_extension("tmp");
-    let mut w = CpioWriter::new(BufWriter::new(fs::File::create(&tmp)?));
-    for dir in ["proc", "sys", "dev", "tmp", "run"] {
-        w.dir(dir)?;
-    }
-    for f in files {
-        w.file_from(&f.dest, f.mode, &f.src)
-            .with_context(|| format!("adding {} to the image", f.src.display()))?;
-    }
-    w.finish()?.flush()?;
-    fs::rename(&tmp, out)?;
-    fs::write(stamp, want)?;
+    let write = || -> Result<()> {
+        let mut w = CpioWriter::new(BufWriter::new(fs::File::create(&tmp)?));
+        for dir in ["proc", "sys", "dev", "tmp", "run"] {
+            w.dir(dir)?;
+        }
+        for f in files {
+            w.file_from(&f.dest, f.mode, &f.src)
+                .with_context(|| format!("adding {} to the image", f.src.display()))?;
+        }
+        w.finish()?.flush()?;
+        fs::rename(&tmp, out)?;
+        fs::write(&stamp, &want)?;
+        Ok(())
+    };
+    write().map_err(|e| {
+        let _ = fs::remove_file(&tmp);
+        e.context(format!("writing the image {}", out.display()))
+    })?;
     Ok(true)
 }
 

@@ -13,6 +13,7 @@ mod doctor;
 mod error;
 mod images;
 mod kernel;
+mod lock;
 mod plot;
 mod progress;
 mod record;
@@ -305,7 +306,9 @@ fn lab_from(cli_config: Option<PathBuf>, repo: Option<PathBuf>, a: LabArgs) -> a
             return Err(error::setup(format!("{}: no such file", p.display())));
         }
     }
+    let lock = std::sync::Arc::new(lock::BuildLock::acquire(&cfg.build_dir)?);
     Ok(Lab {
+        lock,
         cfg,
         repo,
         artifacts: Artifacts {
@@ -463,6 +466,11 @@ fn main() -> ExitCode {
                 .downcast_ref::<LabError>()
                 .map_or(code::SETUP, LabError::exit_code);
             eprintln!("labctl: {e:#}");
+            if lock::is_disk_full(&e) {
+                eprintln!(
+                    "labctl: the disk is full. Free some space (`df -h` shows where), or pass --build-dir on a larger disk, then run the same command again: what was half-written is not used, and the build resumes."
+                );
+            }
             ExitCode::from(code)
         }
     }

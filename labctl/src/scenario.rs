@@ -24,6 +24,8 @@ use crate::verify::{self, Check};
 
 /// Everything a scenario needs before it boots.
 pub struct Lab {
+    /// The build directory's lock, held while this labctl uses it.
+    pub lock: std::sync::Arc<crate::lock::BuildLock>,
     pub cfg: LabConfig,
     pub repo: PathBuf,
     pub artifacts: Artifacts,
@@ -44,6 +46,7 @@ impl Lab {
     pub fn with_config(&self, cfg: LabConfig) -> Result<Lab> {
         cfg.validate()?;
         Ok(Lab {
+            lock: self.lock.clone(),
             cfg,
             repo: self.repo.clone(),
             artifacts: self.artifacts.clone(),
