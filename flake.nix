@@ -138,7 +138,7 @@
         packages = with pkgs; [
           cargo rustc clippy rustfmt
           qemu
-          gnumake gcc bc bison flex perl elfutils openssl patch xz
+          gnumake gcc bc bison flex perl elfutils openssl patch xz rsync
           librsvg dejavu_fonts debootstrap e2fsprogs   # record-boot's plot and Debian guest
         ];
       };

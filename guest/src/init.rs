@@ -31,15 +31,17 @@ use crate::port::{self, Sender};
 
 const L2_SOCKET: &str = "/run/l2-proto.sock";
 const L2_QMP: &str = "/run/l2-qmp.sock";
-/// L2's CPU: the host's (L1's) CPU without XSAVE. Under TCG's emulated SVM, the XSAVE
-/// state KVM exposes to L2 is inconsistent: L2 warned "XSAVE consistency problem" on most
-/// boots, and some boots crashed L2 or reset L1. L2 needs no AVX; FXSAVE is enough.
-const L2_CPU: &str = "host,xsave=off";
+/// L2's CPU: the host's (L1's) CPU without XSAVE and without SVM. Under TCG's emulated SVM,
+/// the XSAVE state KVM exposes to L2 is inconsistent: L2 warned "XSAVE consistency problem"
+/// on most boots, and some boots crashed L2 or reset L1. L2 needs no AVX; FXSAVE is enough.
+/// L2 runs no VM either: with SVM, its own KVM would enable SVM on every vCPU at boot, a
+/// third level of nesting that L1's KVM and TCG then emulate for nothing.
+const L2_CPU: &str = "host,xsave=off,svm=off";
 /// The CPU of a guest booted from a disk (a distribution kernel): without XSAVE, AVX state
 /// cannot be enabled, so the AVX family goes too; Debian's kernel otherwise runs AVX code
 /// (aesni_intel) and oopses on #UD. The lab's own L2 keeps `L2_CPU`: with these flags it
 /// hung in early boot under `-icount` (seen at ACPI's PCI interrupt links, every time).
-const DISK_L2_CPU: &str = "host,xsave=off,avx=off,avx2=off,fma=off,f16c=off";
+const DISK_L2_CPU: &str = "host,xsave=off,svm=off,avx=off,avx2=off,fma=off,f16c=off";
 const L2_INITRD: &str = "/tmp/l2-initrd.cpio";
 /// How long L2's QEMU gets to connect to the protocol socket.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -328,20 +330,35 @@ fn micros(start: Instant) -> u64 {
 #[derive(Clone)]
 struct Clock {
     start: Instant,
-    lock: Arc<Mutex<()>>,
+    /// Taken for each sample; holds the statistics the VM had at its first sample.
+    known: Arc<Mutex<Option<Vec<String>>>>,
 }
 
 impl Clock {
+    fn new(start: Instant) -> Self {
+        Self {
+            start,
+            known: Arc::new(Mutex::new(None)),
+        }
+    }
+
     /// The time, and the VM's sampled statistics read right after it.
     fn sample(&self, dir: &Path) -> Result<(u64, BTreeMap<String, u64>), kvmstats::StatsError> {
-        let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
         let t_us = micros(self.start);
         let stats = kvmstats::read_some(dir, SAMPLED_STATS)?;
-        // While KVM destroys the VM its files go one by one: a sample without the exit
-        // count is of a VM that is gone, not a VM with no exits.
-        if !stats.contains_key(STAT_EXITS) {
+        // While KVM destroys the VM its files go one by one: a sample that lacks the exit
+        // count, or any statistic the VM had before, is of a VM that is going away, not a
+        // VM whose counters went back to zero.
+        let names: Vec<String> = stats.keys().cloned().collect();
+        let complete = match known.as_ref() {
+            Some(first) => first.iter().all(|n| stats.contains_key(n)),
+            None => stats.contains_key(STAT_EXITS),
+        };
+        if !complete {
             return Err(kvmstats::StatsError::VmGone);
         }
+        known.get_or_insert(names);
         Ok((t_us, stats))
     }
 }
@@ -362,10 +379,7 @@ fn run_vm(vm: &VmJob, tx: &Sender) -> Result<bool> {
         .context("starting QEMU for L2")?;
     let pid = child.id() as i32;
     let stop = Arc::new(AtomicBool::new(false));
-    let clock = Clock {
-        start,
-        lock: Arc::new(Mutex::new(())),
-    };
+    let clock = Clock::new(start);
     let sampler = vm.record.map(|r| {
         sample(
             pid,
@@ -391,9 +405,18 @@ fn run_vm(vm: &VmJob, tx: &Sender) -> Result<bool> {
         Ok(stream) => relay_l2(stream, pid, recording.clone(), tx),
         Err(e) => Err(e),
     };
-    if result.is_err() {
-        let _ = child.kill();
-    }
+    let result = match result {
+        // Say whether L2's QEMU went first (and how) or is still there: the difference
+        // between a crashed or killed QEMU and a protocol link that broke under it.
+        Err(e) => Err(match exit_within(&mut child, QEMU_GRACE) {
+            Some(status) => e.context(format!("L2's QEMU had exited ({status})")),
+            None => {
+                let _ = child.kill();
+                e.context("L2's QEMU was still running; it was killed")
+            }
+        }),
+        ok => ok,
+    };
     let status = child.wait().context("waiting for L2's QEMU")?;
     let exited = micros(start);
     stop.store(true, Ordering::Relaxed);
@@ -451,6 +474,23 @@ fn sample(
             thread::sleep(tick - now);
         }
     })
+}
+
+/// How long L2's QEMU gets to exit by itself once its protocol link is gone.
+const QEMU_GRACE: Duration = Duration::from_secs(2);
+
+/// The child's exit status if it exits within `grace`.
+fn exit_within(child: &mut Child, grace: Duration) -> Option<ExitStatus> {
+    let start = Instant::now();
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if start.elapsed() > grace {
+            return None;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
 }
 
 fn accept(listener: &UnixListener, child: &mut Child) -> Result<UnixStream> {
@@ -571,5 +611,35 @@ fn relay_l2(stream: UnixStream, pid: i32, recording: Option<Clock>, tx: &Sender)
             }
             other => tx.send(&other),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sample_of_a_vm_going_away_is_not_a_sample() {
+        let dir = std::env::temp_dir().join(format!("clock-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        for name in SAMPLED_STATS {
+            fs::write(dir.join(name), "7\n").unwrap();
+        }
+        let clock = Clock::new(Instant::now());
+        let (_, first) = clock.sample(&dir).unwrap();
+        assert_eq!(first.len(), SAMPLED_STATS.len());
+        // KVM removes the VM's files one by one: the exit count is still there, others not.
+        fs::remove_file(dir.join(SAMPLED_STATS.last().unwrap())).unwrap();
+        assert!(matches!(
+            clock.sample(&dir),
+            Err(kvmstats::StatsError::VmGone)
+        ));
+        // A first sample needs the exit count.
+        fs::remove_file(dir.join(STAT_EXITS)).unwrap();
+        assert!(matches!(
+            Clock::new(Instant::now()).sample(&dir),
+            Err(kvmstats::StatsError::VmGone)
+        ));
+        fs::remove_dir_all(dir).unwrap();
     }
 }

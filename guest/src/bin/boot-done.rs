@@ -63,6 +63,16 @@ fn run() -> Result<()> {
     Ok(())
 }
 
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("boot-done: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -73,15 +83,5 @@ mod tests {
             5000
         );
         assert!(super::idle_ms("exitlab.idle_ms=soon").is_err());
-    }
-}
-
-fn main() -> ExitCode {
-    match run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("boot-done: {e:#}");
-            ExitCode::FAILURE
-        }
     }
 }
