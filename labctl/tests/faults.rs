@@ -2,44 +2,17 @@
 //! labctls on one build directory, a disk that fills up. Each leaves nothing running and
 //! nothing half-written that a later run would use; the next run works.
 
+mod common;
+
 use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-static LAB: Mutex<()> = Mutex::new(());
-
-/// These tests share the build directory and the machine's two cores: one at a time.
-fn lab_lock() -> MutexGuard<'static, ()> {
-    LAB.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-fn labctl(args: &[&str]) -> Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_labctl"))
-        .args(args)
-        .current_dir(repo())
-        .output()
-        .expect("running labctl");
-    eprintln!(
-        "$ labctl {}\n--- stdout\n{}--- stderr\n{}--- status {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        out.status
-    );
-    out
-}
+use common::{lab_lock, labctl, repo};
 
 /// Everything built, so that the tests below interrupt only what they mean to.
 fn built() {
@@ -47,15 +20,24 @@ fn built() {
     assert!(o.status.success(), "labctl build failed");
 }
 
-/// labctl started in the background; its stderr lines arrive on the channel.
+/// labctl started in the background; its stderr lines arrive on the channel. SIGINT is
+/// reset to its default action, as in a terminal: a test runner started in the background
+/// (`cmd &`) would otherwise hand down "ignore SIGINT".
 fn spawn(args: &[&str]) -> (Child, mpsc::Receiver<String>) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_labctl"))
-        .args(args)
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_labctl"));
+    cmd.args(args)
         .current_dir(repo())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting labctl");
+        .stderr(Stdio::piped());
+    // SAFETY: signal() is async-signal-safe; nothing is allocated after fork.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            libc::signal(libc::SIGINT, libc::SIG_DFL);
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().expect("starting labctl");
     let (tx, rx) = mpsc::channel();
     let err = child.stderr.take().unwrap();
     std::thread::spawn(move || {

@@ -2,43 +2,13 @@
 //! incremental), boot the nested lab and assert on the values it reports. Boots are
 //! serialized (the machine has few cores). A test that cannot run fails and says why.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::{Mutex, MutexGuard};
 
+use common::{lab_lock, labctl, repo};
 use exitlab_proto::leaf::ExitStats;
-
-static LAB: Mutex<()> = Mutex::new(());
-
-/// Serializes tests that boot the lab; a failed test does not poison the others.
-fn lab_lock() -> MutexGuard<'static, ()> {
-    LAB.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-fn labctl(args: &[&str]) -> Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_labctl"))
-        .args(args)
-        .current_dir(repo())
-        .env_remove("LABCTL_KERNEL")
-        .env_remove("LABCTL_L1_IMAGE")
-        .output()
-        .expect("running labctl");
-    eprintln!(
-        "$ labctl {}\n--- stdout\n{}--- stderr\n{}--- status {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        out.status
-    );
-    out
-}
 
 /// A boot that takes longer than this has hung: normal boots here take under 2 minutes.
 const BOOT_TIMEOUT: &str = "300";
