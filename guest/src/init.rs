@@ -417,7 +417,24 @@ fn run_vm(vm: &VmJob, tx: &Sender) -> Result<bool> {
         }),
         ok => ok,
     };
-    let status = child.wait().context("waiting for L2's QEMU")?;
+    let status = match (&result, exit_within(&mut child, QEMU_EXIT_AFTER_DONE)) {
+        (_, Some(status)) => status,
+        (Ok(_), None) => {
+            // L2 finished and powered off, but its QEMU stays. Seen about once in seven
+            // single-vCPU `-icount` L1s (the bench), with and without SVM in L2; not
+            // root-caused. The run's data is complete: say so in L2's log and go on.
+            tx.send(&Msg::Console {
+                level: Level::L2,
+                line: format!(
+                    "exitlab: L2's QEMU did not exit within {QEMU_EXIT_AFTER_DONE:?} after L2 was done; killed it (README, Reliability)"
+                ),
+                t_us: Some(micros(start)),
+            });
+            let _ = child.kill();
+            child.wait().context("waiting for L2's QEMU")?
+        }
+        (Err(_), None) => child.wait().context("waiting for L2's QEMU")?,
+    };
     let exited = micros(start);
     stop.store(true, Ordering::Relaxed);
     for r in relays {
@@ -478,6 +495,8 @@ fn sample(
 
 /// How long L2's QEMU gets to exit by itself once its protocol link is gone.
 const QEMU_GRACE: Duration = Duration::from_secs(2);
+/// How long L2's QEMU gets to exit once L2 reported done (it takes well under a second).
+const QEMU_EXIT_AFTER_DONE: Duration = Duration::from_secs(20);
 
 /// The child's exit status if it exits within `grace`.
 fn exit_within(child: &mut Child, grace: Duration) -> Option<ExitStatus> {
