@@ -14,6 +14,7 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 use xshell::{cmd, Shell};
 
+use crate::boot::RunLogs;
 use crate::error::{code, setup};
 use crate::progress::fmt_elapsed;
 use crate::verify;
@@ -139,14 +140,8 @@ pub fn summarize(runs: &[SoakRun]) -> SoakSummary {
 
 /// The stall lines of one run directory's consoles.
 fn stalls_in(dir: &Path) -> Vec<String> {
-    let mut out = Vec::new();
-    for (who, file) in [("L1", "l1-console.log"), ("L2", "l2-console.log")] {
-        let text = fs::read(dir.join(file)).unwrap_or_default();
-        for l in verify::stall_lines(&String::from_utf8_lossy(&text), 3) {
-            out.push(format!("{who}: {l}"));
-        }
-    }
-    out
+    let logs = RunLogs::new(dir);
+    verify::stalls_in(&[("L1", &logs.l1_console), ("L2", &logs.l2_console)])
 }
 
 fn l2_up(dir: &Path) -> Option<f64> {

@@ -63,8 +63,8 @@ pub fn stall_lines(console: &str, max: usize) -> Vec<String> {
         .collect()
 }
 
-/// `no-stalls`: neither L1's nor L2's console shows a stall.
-pub fn no_stalls(consoles: &[(&str, &std::path::Path)]) -> Check {
+/// The stall lines of several console logs, each prefixed with whose console it is.
+pub fn stalls_in(consoles: &[(&str, &std::path::Path)]) -> Vec<String> {
     let mut found = Vec::new();
     for (who, path) in consoles {
         let text = std::fs::read(path).unwrap_or_default();
@@ -72,6 +72,12 @@ pub fn no_stalls(consoles: &[(&str, &std::path::Path)]) -> Check {
             found.push(format!("{who}: {l}"));
         }
     }
+    found
+}
+
+/// `no-stalls`: neither L1's nor L2's console shows a stall.
+pub fn no_stalls(consoles: &[(&str, &std::path::Path)]) -> Check {
+    let found = stalls_in(consoles);
     Check::new(
         "no-stalls",
         found.is_empty(),
