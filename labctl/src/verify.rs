@@ -143,7 +143,7 @@ pub fn lab_checks(
         "nonzero",
         r1.exits > 0 && r1.cycles > 0 && r2.exits > 0 && r2.cycles > 0,
         format!(
-            "exits {} and {}, cycles {} and {} (all zero: the accounting is off, or KVM is not patched)",
+            "exits {} and {}, cycles {} and {} (all zero: the accounting is off, the leaves are not enabled for the VM (kvm.exit_stats_leaves=1 or KVM_CAP_X86_EXIT_STATS), or KVM is not patched)",
             r1.exits, r2.exits, r1.cycles, r2.cycles
         ),
     ));

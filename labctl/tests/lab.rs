@@ -209,6 +209,22 @@ fn accounting_off_makes_the_lab_fail_loudly() {
     assert!(stdout(&o).contains("FAIL"));
 }
 
+/// The leaves are a per-VM opt-in: with `kvm.exit_stats_leaves=0` on L1 (after the lab's own
+/// `=1`), L2's QEMU does not enable them, L2 (an AMD-vendor guest) reads KVM's out-of-range
+/// answer, all zero, and the lab says why.
+#[test]
+fn leaves_not_enabled_make_the_lab_fail_loudly() {
+    let _g = lab_lock();
+    let o = boot(&["lab", "--l1-cmdline", "kvm.exit_stats_leaves=0"]);
+    assert_eq!(code(&o), 1, "checks must fail with the leaves not enabled");
+    let r = readings(&o);
+    assert_eq!(r.len(), 2);
+    assert!(r.iter().all(ExitStats::is_zero), "{r:?}");
+    let out = stdout(&o);
+    assert!(out.contains("check nonzero              FAIL"), "{out}");
+    assert!(out.contains("kvm.exit_stats_leaves=1"), "{out}");
+}
+
 /// A foreign static program: prints its argument, a shipped data file's mode and
 /// content, and its own reading of the leaf; exits 7.
 const FOREIGN_PROGRAM: &str = r#"

@@ -43,8 +43,9 @@ impl ExitStats {
         })
     }
 
-    /// All-zero: what the leaf returns with `kvm.exit_accounting=N` (and what unpatched KVM
-    /// returns for an AMD-vendor guest).
+    /// All-zero: what the leaf returns with `kvm.exit_accounting=N`, and, for an AMD-vendor
+    /// guest, what KVM returns when the leaves are not enabled for the VM or KVM is not
+    /// patched.
     pub fn is_zero(&self) -> bool {
         self.exits == 0 && self.cycles == 0
     }
