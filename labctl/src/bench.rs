@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use exitlab_proto::job::{Level, Step};
-use exitlab_proto::leaf::LEAF;
+use exitlab_proto::leaf::{LEAF, LEAF_NATIVE, LEAF_SDM, NATIVE_OTHER, SDM_REASON_CPUID};
 use exitlab_proto::stress::{StressReport, StressSpec};
 use exitlab_proto::vm::Accel;
 use serde::Serialize;
@@ -95,7 +95,7 @@ impl Variant {
         name: &str,
         kernel: &str,
         accounting: &str,
-        leaf: u32,
+        (leaf, subleaf): (u32, u32),
         vcpus: u32,
         samples: Vec<f64>,
     ) -> Self {
@@ -116,7 +116,11 @@ impl Variant {
             name: name.into(),
             kernel: kernel.into(),
             accounting: accounting.into(),
-            leaf: format!("{leaf:#x}"),
+            leaf: if leaf == LEAF || leaf == 0 {
+                format!("{leaf:#x}")
+            } else {
+                format!("{leaf:#x}/{subleaf:#x}")
+            },
             l2_vcpus: vcpus,
             samples,
             median,
@@ -158,18 +162,28 @@ fn icount() -> AccelDecision {
     }
 }
 
-/// The stress program with one thread: M CPUIDs of `leaf`, timed.
-fn measure(leaf: u32, count: u64) -> Step {
+/// The stress program with one thread: M CPUIDs of `leaf`/`subleaf`, timed.
+fn measure((leaf, subleaf): (u32, u32), count: u64) -> Step {
     Step::Run {
         argv: StressSpec {
             threads: 1,
             iterations: count,
             leaf,
-            subleaf: 0,
+            subleaf,
         }
         .argv(),
     }
 }
+
+/// The plain exit measured by the on/off variants: CPUID leaf 0, answered from the table.
+const PLAIN: (u32, u32) = (0, 0);
+
+/// The leaves whose query cost is measured: name, leaf, subleaf.
+const QUERIES: [(&str, (u32, u32)); 3] = [
+    ("query", (LEAF, 0)),
+    ("query-sdm", (LEAF_SDM, SDM_REASON_CPUID)),
+    ("query-native", (LEAF_NATIVE, NATIVE_OTHER)),
+];
 
 fn set_accounting(on: bool) -> Step {
     Step::SetKvmParam {
@@ -318,15 +332,17 @@ pub fn exit_cost(lab: &Lab, req: &ExitCostRequest) -> Result<i32> {
     let mut run_dirs = Vec::new();
     let mut steps = Vec::new();
     for _ in 0..r {
-        steps.push(measure(0, m));
+        steps.push(measure(PLAIN, m));
     }
     steps.push(set_accounting(false));
     for _ in 0..r {
-        steps.push(measure(0, m));
+        steps.push(measure(PLAIN, m));
     }
     steps.push(set_accounting(true));
-    for _ in 0..r {
-        steps.push(measure(LEAF, m));
+    for (_, q) in QUERIES {
+        for _ in 0..r {
+            steps.push(measure(q, m));
+        }
     }
     progress::note(
         "bench",
@@ -334,18 +350,30 @@ pub fn exit_cost(lab: &Lab, req: &ExitCostRequest) -> Result<i32> {
     );
     let a = boot_and_measure(lab, &p, &patched, 1, steps, m, &mut run_dirs)?;
     let mut variants = vec![
-        Variant::new("on", "patched", "on", 0, 1, a[..r].to_vec()),
-        Variant::new("off", "patched", "off", 0, 1, a[r..2 * r].to_vec()),
-        Variant::new("query", "patched", "on", LEAF, 1, a[2 * r..].to_vec()),
+        Variant::new("on", "patched", "on", PLAIN, 1, a[..r].to_vec()),
+        Variant::new("off", "patched", "off", PLAIN, 1, a[r..2 * r].to_vec()),
     ];
+    for (i, (name, q)) in QUERIES.iter().enumerate() {
+        let from = (2 + i) * r;
+        variants.push(Variant::new(
+            name,
+            "patched",
+            "on",
+            *q,
+            1,
+            a[from..from + r].to_vec(),
+        ));
+    }
     if req.wide_vcpus > 0 {
         let v = req.wide_vcpus;
         let mut steps = Vec::new();
         for _ in 0..r {
-            steps.push(measure(0, m));
+            steps.push(measure(PLAIN, m));
         }
-        for _ in 0..r {
-            steps.push(measure(LEAF, m));
+        for (_, q) in QUERIES {
+            for _ in 0..r {
+                steps.push(measure(q, m));
+            }
         }
         progress::note("bench", format!("patched kernel, {v} vCPUs"));
         let b = boot_and_measure(lab, &p, &patched, v, steps, m, &mut run_dirs)?;
@@ -353,24 +381,27 @@ pub fn exit_cost(lab: &Lab, req: &ExitCostRequest) -> Result<i32> {
             "on-wide",
             "patched",
             "on",
-            0,
+            PLAIN,
             v,
             b[..r].to_vec(),
         ));
-        variants.push(Variant::new(
-            "query-wide",
-            "patched",
-            "on",
-            LEAF,
-            v,
-            b[r..].to_vec(),
-        ));
+        for (i, (name, q)) in QUERIES.iter().enumerate() {
+            let from = (1 + i) * r;
+            variants.push(Variant::new(
+                &format!("{name}-wide"),
+                "patched",
+                "on",
+                *q,
+                v,
+                b[from..from + r].to_vec(),
+            ));
+        }
     }
     if let Some(k) = &baseline {
         progress::note("bench", format!("unpatched kernel {}", k.display()));
-        let steps = (0..r).map(|_| measure(0, m)).collect();
+        let steps = (0..r).map(|_| measure(PLAIN, m)).collect();
         let c = boot_and_measure(lab, &p, k, 1, steps, m, &mut run_dirs)?;
-        variants.push(Variant::new("unpatched", "unpatched", "-", 0, 1, c));
+        variants.push(Variant::new("unpatched", "unpatched", "-", PLAIN, 1, c));
     }
 
     let get = |n: &str| variants.iter().find(|v| v.name == n).map(|v| v.min);
@@ -434,7 +465,7 @@ pub fn exit_cost(lab: &Lab, req: &ExitCostRequest) -> Result<i32> {
 
 fn print_exit_cost(variants: &[Variant], checks: &[Check]) {
     println!(
-        "{:<12} {:<10} {:<11} {:<11} {:>5} {:>12} {:>10} {:>10} {:>9}",
+        "{:<18} {:<10} {:<11} {:<15} {:>5} {:>12} {:>10} {:>10} {:>9}",
         "variant",
         "kernel",
         "accounting",
@@ -447,7 +478,7 @@ fn print_exit_cost(variants: &[Variant], checks: &[Check]) {
     );
     for v in variants {
         println!(
-            "{:<12} {:<10} {:<11} {:<11} {:>5} {:>12.1} {:>10.1} {:>10.1} {:>8.3}%",
+            "{:<18} {:<10} {:<11} {:<15} {:>5} {:>12.1} {:>10.1} {:>10.1} {:>8.3}%",
             v.name,
             v.kernel,
             v.accounting,
@@ -460,24 +491,19 @@ fn print_exit_cost(variants: &[Variant], checks: &[Check]) {
         );
     }
     println!("(instr/exit: the lowest repeat, since interference only adds; agreement: the two lowest repeats)");
-    let get = |n: &str| variants.iter().find(|v| v.name == n).map(|v| v.min);
-    if let (Some(q), Some(p)) = (get("query"), get("on")) {
-        println!(
-            "query 0x4FFFFFFF vs plain CPUID, 1 vCPU: {:+.1} instructions ({:+.2}%)",
-            q - p,
-            pct(q, p)
-        );
-    }
-    if let (Some(q), Some(p)) = (get("query-wide"), get("on-wide")) {
-        let v = variants
-            .iter()
-            .find(|v| v.name == "query-wide")
-            .map_or(0, |v| v.l2_vcpus);
-        println!(
-            "query 0x4FFFFFFF vs plain CPUID, {v} vCPUs: {:+.1} instructions ({:+.2}%)",
-            q - p,
-            pct(q, p)
-        );
+    let get = |n: &str| variants.iter().find(|v| v.name == n);
+    for (name, _) in QUERIES {
+        for (query, plain) in [(name.to_string(), "on"), (format!("{name}-wide"), "on-wide")] {
+            if let (Some(q), Some(p)) = (get(&query), get(plain)) {
+                println!(
+                    "{query:<18} leaf {} vs plain CPUID, {} vCPU(s): {:+.1} instructions ({:+.2}%)",
+                    q.leaf,
+                    q.l2_vcpus,
+                    q.min - p.min,
+                    pct(q.min, p.min)
+                );
+            }
+        }
     }
     for c in checks {
         println!(
@@ -555,7 +581,7 @@ pub fn scaling(lab: &Lab, sweep: &[u32], iterations: u64, repeats: u32) -> Resul
                 .iter()
                 .map(|r| u64::from(v) as f64 * iterations as f64 / (r.wall_ns as f64 / 1e9))
                 .collect();
-            let var = Variant::new(accounting, "patched", accounting, 0, v, rates.clone());
+            let var = Variant::new(accounting, "patched", accounting, PLAIN, v, rates.clone());
             rows.push(Row {
                 vcpus: v,
                 accounting,

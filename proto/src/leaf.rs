@@ -10,6 +10,17 @@ use serde::{Deserialize, Serialize};
 
 /// The leaf number (`KVM_CPUID_EXIT_STATS` in the kernel's uapi `asm/kvm_para.h`).
 pub const LEAF: u32 = 0x4FFF_FFFF;
+/// Exits and cycles of one exit reason in SDM numbering (ECX), on both vendors.
+pub const LEAF_SDM: u32 = 0x4FFF_FFFE;
+/// Exits and cycles of one vendor exit code (ECX): VMX basic reason, SVM exit code.
+pub const LEAF_NATIVE: u32 = 0x4FFF_FFFD;
+/// The course's "cycles by reason" leaf: the same answer as [`LEAF_SDM`].
+pub const LEAF_SDM_CYCLES: u32 = 0x4FFF_FFFC;
+/// The SDM's basic exit reason of CPUID.
+pub const SDM_REASON_CPUID: u32 = 10;
+/// The native code that counts failed VM-entries and codes KVM does not know: a lookup
+/// that costs what any code's does, on either vendor.
+pub const NATIVE_OTHER: u32 = 0xFFFF_FFFF;
 
 /// One reading of the leaf.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
