@@ -97,8 +97,13 @@ pub fn read_some(dir: &Path, names: &[&str]) -> Result<BTreeMap<String, u64>, St
     Ok(out)
 }
 
+/// Per-reason statistics: arrays, whose generic debugfs file shows only their first
+/// element (slot 0), which would read as a total. The per-reason figures are in the VM's
+/// `exit_reasons` file instead.
+const ARRAY_STATS: [&str; 2] = ["exit_reason_exits", "exit_reason_cycles"];
+
 /// Every numeric file of the VM's debugfs directory: the VM statistics and the vCPU
-/// statistics summed over vCPUs.
+/// statistics summed over vCPUs (but for the arrays' first elements).
 fn read_debugfs(pid: i32) -> Result<BTreeMap<String, u64>, StatsError> {
     let dir = debugfs_dir(pid)?;
     let mut out = BTreeMap::new();
@@ -109,9 +114,13 @@ fn read_debugfs(pid: i32) -> Result<BTreeMap<String, u64>, StatsError> {
         if !e.file_type().is_ok_and(|t| t.is_file()) {
             continue;
         }
+        let name = e.file_name().to_string_lossy().into_owned();
+        if ARRAY_STATS.contains(&name.as_str()) {
+            continue;
+        }
         if let Ok(text) = fs::read_to_string(e.path()) {
             if let Ok(v) = text.trim().parse::<u64>() {
-                out.insert(e.file_name().to_string_lossy().into_owned(), v);
+                out.insert(name, v);
             }
         }
     }
