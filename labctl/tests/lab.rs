@@ -303,16 +303,19 @@ fn selftest_passes_inside_l1() {
     let o = boot(&["selftest"]);
     assert_eq!(code(&o), 0, "the KVM selftest failed in L1");
     let out = stdout(&o);
-    assert!(out.contains("1..7"), "{out}");
+    assert!(out.contains("1..10"), "{out}");
     let oks = out.lines().filter(|l| l.starts_with("ok ")).count();
-    assert_eq!(oks, 7, "{out}");
+    assert_eq!(oks, 10, "{out}");
     assert!(!out.contains("not ok") && !out.contains("# SKIP"), "{out}");
     for case in [
-        "1 vCPU(s)",
-        "4 vCPU(s)",
+        "readings, 1 vCPU(s)",
+        "readings, 4 vCPU(s)",
+        "per-reason leaves",
         "emulated CPUID",
         "accounting off",
-        "leaf in userspace table",
+        "VMM's entry",
+        "not enabled",
+        "kvm.exit_stats_leaves=Y",
         "created while reading",
     ] {
         assert!(out.contains(case), "case {case:?} missing:\n{out}");
