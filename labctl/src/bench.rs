@@ -465,7 +465,7 @@ pub fn exit_cost(lab: &Lab, req: &ExitCostRequest) -> Result<i32> {
 
 fn print_exit_cost(variants: &[Variant], checks: &[Check]) {
     println!(
-        "{:<18} {:<10} {:<11} {:<15} {:>5} {:>12} {:>10} {:>10} {:>9}",
+        "{:<18} {:<10} {:<11} {:<21} {:>5} {:>12} {:>10} {:>10} {:>9}",
         "variant",
         "kernel",
         "accounting",
@@ -478,7 +478,7 @@ fn print_exit_cost(variants: &[Variant], checks: &[Check]) {
     );
     for v in variants {
         println!(
-            "{:<18} {:<10} {:<11} {:<15} {:>5} {:>12.1} {:>10.1} {:>10.1} {:>8.3}%",
+            "{:<18} {:<10} {:<11} {:<21} {:>5} {:>12.1} {:>10.1} {:>10.1} {:>8.3}%",
             v.name,
             v.kernel,
             v.accounting,
@@ -493,7 +493,10 @@ fn print_exit_cost(variants: &[Variant], checks: &[Check]) {
     println!("(instr/exit: the lowest repeat, since interference only adds; agreement: the two lowest repeats)");
     let get = |n: &str| variants.iter().find(|v| v.name == n);
     for (name, _) in QUERIES {
-        for (query, plain) in [(name.to_string(), "on"), (format!("{name}-wide"), "on-wide")] {
+        for (query, plain) in [
+            (name.to_string(), "on"),
+            (format!("{name}-wide"), "on-wide"),
+        ] {
             if let (Some(q), Some(p)) = (get(&query), get(plain)) {
                 println!(
                     "{query:<18} leaf {} vs plain CPUID, {} vCPU(s): {:+.1} instructions ({:+.2}%)",
