@@ -554,6 +554,29 @@ fn make_bzimage(dirs: &KernelDirs) -> Result<()> {
     )
 }
 
+/// Builds upstream KVM selftests (paths under `tools/testing/selftests/kvm`, e.g.
+/// `x86_64/cpuid_test`) from the patched tree, after `build()`: returns their binaries.
+pub fn build_kvm_selftests(dirs: &KernelDirs, tests: &[String]) -> Result<Vec<PathBuf>> {
+    let out = dirs.root.join("kvm-selftests");
+    fs::create_dir_all(&out)?;
+    let hdr = dirs.obj().join("usr");
+    let jobs = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let bins: Vec<PathBuf> = tests.iter().map(|t| out.join(t)).collect();
+    let mut args = vec![
+        "-C".into(),
+        dirs.src()
+            .join("tools/testing/selftests/kvm")
+            .display()
+            .to_string(),
+        format!("-j{jobs}"),
+        format!("OUTPUT={}", out.display()),
+        format!("LINUX_HDR_PATH={}/include/", hdr.display()),
+    ];
+    args.extend(bins.iter().map(|b| b.display().to_string()));
+    run_make(dirs, "kvm-selftests", &args)?;
+    Ok(bins)
+}
+
 fn build_selftest(dirs: &KernelDirs) -> Result<()> {
     let hdr = dirs.obj().join("usr");
     run_make(

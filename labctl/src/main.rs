@@ -13,6 +13,7 @@ mod doctor;
 mod error;
 mod images;
 mod kernel;
+mod kvm_selftests;
 mod lock;
 mod plot;
 mod progress;
@@ -66,6 +67,9 @@ enum Command {
     RecordBoot(RecordArgs),
     /// The kernel quality gate: checkpatch --strict on every patch, make W=1 arch/x86/kvm.
     KernelCheck(LabArgs),
+    /// KVM's own selftests, built from the patched tree and run in L1: they must pass (or
+    /// skip) on the patched kernel, and with --baseline give the same outcome as unpatched.
+    KvmSelftests(KvmSelftestsArgs),
     /// List what the lab needs from this machine, and how to install what is missing.
     Doctor,
     /// Run a scenario N times: each run's outcome, time and stalls, and the failure and
@@ -111,6 +115,20 @@ struct CommonArgs {
     /// Extra kernel command line for L1, e.g. `kvm.exit_accounting=0`.
     #[arg(long, value_name = "ARGS", default_value = "")]
     l1_cmdline: String,
+}
+
+#[derive(Args, Clone)]
+struct KvmSelftestsArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Tests to run: paths under tools/testing/selftests/kvm, comma-separated.
+    #[arg(long, value_name = "LIST", value_delimiter = ',',
+          default_values_t = kvm_selftests::DEFAULT_TESTS.map(String::from))]
+    tests: Vec<String>,
+    /// An unpatched bzImage (same source and config) to run the same tests on, e.g.
+    /// build/bench/baseline/kernel/obj/arch/x86/boot/bzImage after `labctl bench exit-cost`.
+    #[arg(long, value_name = "BZIMAGE")]
+    baseline: Option<PathBuf>,
 }
 
 #[derive(Args, Clone, Default)]
@@ -384,6 +402,18 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             })
         }
         Command::Lab(a) => scenario::lab(&lab_from(cli.config, cli.repo, a)?),
+        Command::KvmSelftests(k) => {
+            if let Some(f) = &k.baseline {
+                if !f.is_file() {
+                    return Err(error::setup(format!(
+                        "--baseline {}: no such file",
+                        f.display()
+                    )));
+                }
+            }
+            let lab = lab_from(cli.config, cli.repo, k.common.into())?;
+            kvm_selftests::run(&lab, &k.tests, k.baseline.as_deref())
+        }
         Command::Selftest(a) => scenario::selftest(&lab_from(cli.config, cli.repo, a)?),
         Command::Stress(st) => {
             let lab = lab_from(

@@ -33,6 +33,7 @@ pub struct Lab {
     pub l1_cmdline: String,
 }
 
+#[derive(Clone)]
 pub struct Prepared {
     pub kernel: PathBuf,
     pub image: PathBuf,

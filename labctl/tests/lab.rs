@@ -902,3 +902,32 @@ fn record_boot_rejects_bad_input() {
         assert!(stderr(&o).contains(msg), "{args:?}: {}", stderr(&o));
     }
 }
+
+/// KVM's own selftests, built from the patched tree and run in L1: the binary stats
+/// test reads every descriptor, the two sized per-reason ones included; CPUID's.
+#[test]
+fn kvm_own_selftests_pass_on_the_patched_kernel() {
+    let _g = lab_lock();
+    let o = boot(&[
+        "kvm-selftests",
+        "--tests",
+        "kvm_binary_stats_test,x86_64/cpuid_test",
+    ]);
+    assert_eq!(code(&o), 0, "{}", stdout(&o));
+    let y = results(&o);
+    assert_eq!(y["schema"].as_str(), Some("kvm-exit-lab/kvm-selftests/v1"));
+    let tests = y["tests"].as_sequence().unwrap();
+    assert_eq!(tests.len(), 2);
+    for t in tests {
+        assert_eq!(t["patched"].as_str(), Some("pass"), "{t:?}");
+    }
+    // Bad input is refused before anything is booted.
+    for bad in ["../../etc/passwd", "x86_64/no_such_test"] {
+        let o = labctl(&["kvm-selftests", "--tests", bad]);
+        assert_eq!(code(&o), 2, "{bad}");
+        assert!(stderr(&o).contains("--tests"), "{bad}: {}", stderr(&o));
+    }
+    let o = labctl(&["kvm-selftests", "--baseline", "/no/such/bzImage"]);
+    assert_eq!(code(&o), 2);
+    assert!(stderr(&o).contains("--baseline"), "{}", stderr(&o));
+}
