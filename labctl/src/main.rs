@@ -126,7 +126,9 @@ struct KvmSelftestsArgs {
           default_values_t = kvm_selftests::DEFAULT_TESTS.map(String::from))]
     tests: Vec<String>,
     /// An unpatched bzImage (same source and config) to run the same tests on, e.g.
-    /// build/bench/baseline/kernel/obj/arch/x86/boot/bzImage after `labctl bench exit-cost`.
+    /// build/baseline/kernel/obj/arch/x86/boot/bzImage after `labctl bench exit-cost
+    /// --lab-kernel` (the lab's configuration: the bench's default kernels have jump
+    /// labels, which L1 under multi-threaded TCG can crash on).
     #[arg(long, value_name = "BZIMAGE")]
     baseline: Option<PathBuf>,
 }
