@@ -703,21 +703,8 @@ fn exit_cost_is_deterministic_and_accounting_is_cheap() {
         "--repeats",
         "5",
     ]);
-    // The bench checks the goals (on at most +0.5 % per exit, off at most +0.1 %);
-    // with per-reason accounting, "on" misses its goal by a few instructions (README,
-    // Performance), so the run may exit 1 for that check alone: every other check must pass.
-    assert!(
-        matches!(code(&o), 0 | 1),
-        "exit-cost failed to run: {}",
-        stderr(&o)
-    );
+    assert_eq!(code(&o), 0, "exit-cost checks failed");
     let y = results(&o);
-    for c in y["checks"].as_sequence().unwrap() {
-        let name = c["name"].as_str().unwrap();
-        if name != "on-vs-off" {
-            assert_eq!(c["ok"].as_bool(), Some(true), "{c:?}");
-        }
-    }
     assert_eq!(
         y["schema"].as_str(),
         Some("kvm-exit-lab/bench-exit-cost/v1")
@@ -734,9 +721,8 @@ fn exit_cost_is_deterministic_and_accounting_is_cheap() {
     let (on, off, query) = (lowest("on"), lowest("off"), lowest("query"));
     // Hundreds to thousands of L1 instructions per round trip, not noise around zero.
     assert!(off > 500.0, "{off}");
-    // Accounting adds instructions: a few dozen at most, not a per-exit walk or a lock
-    // (twice the goal is the regression bound; the figure itself is in the README).
-    assert!(on >= off && on <= off * 1.01, "on {on}, off {off}");
+    // Accounting adds instructions, but at most 0.5 % per exit.
+    assert!(on >= off && on <= off * 1.005, "on {on}, off {off}");
     // The queries are answered by KVM: they cost more than a plain leaf, and the
     // per-reason ones, which walk the exit-reason slots, more than the total.
     assert!(query > on, "query {query}, on {on}");
