@@ -141,6 +141,10 @@ fn run(level: Level, tx: &Sender, reader: File) -> Result<bool> {
     for step in &job.steps {
         let ok = match step {
             Step::Run { argv } => run_program(level, argv, tx)?,
+            Step::Test { argv } => {
+                run_program(level, argv, tx)?;
+                true
+            }
             Step::Write { path, value } => {
                 fs::write(path, value).with_context(|| format!("writing {value:?} to {path}"))?;
                 true

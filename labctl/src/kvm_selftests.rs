@@ -86,7 +86,7 @@ fn run_all(
         .collect::<Result<_>>()?;
     let steps = files
         .iter()
-        .map(|f| Step::Run {
+        .map(|f| Step::Test {
             argv: vec![format!("./{}", f.name)],
         })
         .collect();

@@ -42,6 +42,9 @@ pub enum Step {
     /// Run a program (absolute path, or relative to [`FILES_DIR`]); its output streams back
     /// as [`Msg::Output`](crate::msg::Msg::Output), then [`Msg::Exited`](crate::msg::Msg::Exited).
     Run { argv: Vec<String> },
+    /// Run a test program like [`Step::Run`], but its failure does not end the job: the
+    /// steps after it still run (a suite of independent tests, each judged by its status).
+    Test { argv: Vec<String> },
     /// Write `value` to `path`, e.g. a KVM module parameter under /sys/module/kvm/parameters.
     Write { path: String, value: String },
     /// L2 only: have L1 report the KVM statistics of this VM now, and wait until it has.
@@ -139,7 +142,9 @@ impl Job {
         for (index, step) in self.steps.iter().enumerate() {
             let misplaced = |step| JobError::Misplaced { index, step, level };
             match step {
-                Step::Run { argv } if argv.is_empty() => return Err(JobError::EmptyArgv(index)),
+                Step::Run { argv } | Step::Test { argv } if argv.is_empty() => {
+                    return Err(JobError::EmptyArgv(index))
+                }
                 Step::Checkpoint { .. } if level != Level::L2 => {
                     return Err(misplaced("checkpoint"))
                 }
@@ -273,6 +278,26 @@ mod tests {
             empty.validate(Level::L1),
             Err(JobError::EmptyArgv(0))
         ));
+        let tests = Job {
+            level: Level::L1,
+            steps: vec![
+                Step::Test {
+                    argv: vec!["./a".into()],
+                },
+                Step::Test { argv: vec![] },
+            ],
+        };
+        assert!(matches!(
+            tests.validate(Level::L1),
+            Err(JobError::EmptyArgv(1))
+        ));
+        let one = Job {
+            level: Level::L1,
+            steps: vec![Step::Test {
+                argv: vec!["./a".into()],
+            }],
+        };
+        assert_eq!(Job::parse(&one.to_json(), Level::L1).unwrap(), one);
     }
 
     #[test]
