@@ -559,9 +559,20 @@ fn make_bzimage(dirs: &KernelDirs) -> Result<()> {
 pub fn build_kvm_selftests(dirs: &KernelDirs, tests: &[String]) -> Result<Vec<PathBuf>> {
     let out = dirs.root.join("kvm-selftests");
     fs::create_dir_all(&out)?;
+    let bins: Vec<PathBuf> = tests.iter().map(|t| out.join(t)).collect();
+    run_make(
+        dirs,
+        "kvm-selftests",
+        &selftest_make_args(dirs, &out, &bins),
+    )?;
+    Ok(bins)
+}
+
+/// `make` arguments that build `targets` (binaries under `out`) from the tree's KVM
+/// selftests, against the headers `headers_install` put in the object tree.
+fn selftest_make_args(dirs: &KernelDirs, out: &Path, targets: &[PathBuf]) -> Vec<String> {
     let hdr = dirs.obj().join("usr");
     let jobs = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let bins: Vec<PathBuf> = tests.iter().map(|t| out.join(t)).collect();
     let mut args = vec![
         "-C".into(),
         dirs.src()
@@ -572,9 +583,8 @@ pub fn build_kvm_selftests(dirs: &KernelDirs, tests: &[String]) -> Result<Vec<Pa
         format!("OUTPUT={}", out.display()),
         format!("LINUX_HDR_PATH={}/include/", hdr.display()),
     ];
-    args.extend(bins.iter().map(|b| b.display().to_string()));
-    run_make(dirs, "kvm-selftests", &args)?;
-    Ok(bins)
+    args.extend(targets.iter().map(|t| t.display().to_string()));
+    args
 }
 
 fn build_selftest(dirs: &KernelDirs) -> Result<()> {
@@ -593,21 +603,10 @@ fn build_selftest(dirs: &KernelDirs) -> Result<()> {
     )?;
     let out = dirs.root.join("selftests");
     fs::create_dir_all(&out)?;
-    let jobs = std::thread::available_parallelism().map_or(2, |n| n.get());
     run_make(
         dirs,
         "selftest",
-        &[
-            "-C".into(),
-            dirs.src()
-                .join("tools/testing/selftests/kvm")
-                .display()
-                .to_string(),
-            format!("-j{jobs}"),
-            format!("OUTPUT={}", out.display()),
-            format!("LINUX_HDR_PATH={}/include/", hdr.display()),
-            dirs.selftest().display().to_string(),
-        ],
+        &selftest_make_args(dirs, &out, &[dirs.selftest()]),
     )
 }
 

@@ -23,7 +23,7 @@ mod scenario;
 mod soak;
 mod verify;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
@@ -291,6 +291,17 @@ struct ExecArgs {
     argv: Vec<String>,
 }
 
+/// `--baseline`: an unpatched bzImage that must exist.
+fn check_baseline(f: Option<&Path>) -> anyhow::Result<()> {
+    match f {
+        Some(f) if !f.is_file() => Err(error::setup(format!(
+            "--baseline {}: no such file",
+            f.display()
+        ))),
+        _ => Ok(()),
+    }
+}
+
 fn lab_from(cli_config: Option<PathBuf>, repo: Option<PathBuf>, a: LabArgs) -> anyhow::Result<Lab> {
     let vcpus = a.vcpus;
     let a = a.common;
@@ -405,14 +416,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Lab(a) => scenario::lab(&lab_from(cli.config, cli.repo, a)?),
         Command::KvmSelftests(k) => {
-            if let Some(f) = &k.baseline {
-                if !f.is_file() {
-                    return Err(error::setup(format!(
-                        "--baseline {}: no such file",
-                        f.display()
-                    )));
-                }
-            }
+            check_baseline(k.baseline.as_deref())?;
             let lab = lab_from(cli.config, cli.repo, k.common.into())?;
             kvm_selftests::run(&lab, &k.tests, k.baseline.as_deref())
         }
@@ -438,14 +442,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             )
         }
         Command::Bench(BenchCommand::ExitCost(b)) => {
-            if let Some(f) = &b.baseline {
-                if !f.is_file() {
-                    return Err(error::setup(format!(
-                        "--baseline {}: no such file",
-                        f.display()
-                    )));
-                }
-            }
+            check_baseline(b.baseline.as_deref())?;
             let lab = lab_from(cli.config, cli.repo, b.common.into())?;
             bench::exit_cost(
                 &lab,
