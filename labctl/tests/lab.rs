@@ -188,14 +188,21 @@ fn a_tsc_rate_kvm_cannot_set_does_not_stall_l2() {
     assert_eq!(stalls["ok"].as_bool(), Some(true), "{stalls:?}");
 }
 
-#[test]
-fn accounting_off_makes_the_lab_fail_loudly() {
-    let _g = lab_lock();
-    let o = boot(&["lab", "--l1-cmdline", "kvm.exit_accounting=0"]);
-    assert_eq!(code(&o), 1, "checks must fail with the accounting off");
+/// `labctl lab` with `l1_cmdline` on L1's command line: the checks fail (1) and both
+/// readings are zero.
+fn lab_reads_zero_and_fails(l1_cmdline: &str) -> Output {
+    let o = boot(&["lab", "--l1-cmdline", l1_cmdline]);
+    assert_eq!(code(&o), 1, "checks must fail with {l1_cmdline}");
     let r = readings(&o);
     assert_eq!(r.len(), 2);
     assert!(r.iter().all(ExitStats::is_zero), "{r:?}");
+    o
+}
+
+#[test]
+fn accounting_off_makes_the_lab_fail_loudly() {
+    let _g = lab_lock();
+    let o = lab_reads_zero_and_fails("kvm.exit_accounting=0");
     let y = results(&o);
     assert_eq!(y["ok"].as_bool(), Some(false));
     let failed: Vec<_> = y["checks"]
@@ -215,11 +222,7 @@ fn accounting_off_makes_the_lab_fail_loudly() {
 #[test]
 fn leaves_not_enabled_make_the_lab_fail_loudly() {
     let _g = lab_lock();
-    let o = boot(&["lab", "--l1-cmdline", "kvm.exit_stats_leaves=0"]);
-    assert_eq!(code(&o), 1, "checks must fail with the leaves not enabled");
-    let r = readings(&o);
-    assert_eq!(r.len(), 2);
-    assert!(r.iter().all(ExitStats::is_zero), "{r:?}");
+    let o = lab_reads_zero_and_fails("kvm.exit_stats_leaves=0");
     let out = stdout(&o);
     assert!(out.contains("check nonzero              FAIL"), "{out}");
     assert!(out.contains("kvm.exit_stats_leaves=1"), "{out}");
