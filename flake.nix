@@ -11,10 +11,12 @@
 
       # The kernel the patches target: nixpkgs' Linux 6.12 (the series was made on 6.12.117).
       linux = pkgs.linux_6_12;
-      kernelPatches = map (name: ./kernel/patches + "/${name}")
+      # The series, then the lab's workarounds for the emulated CPU (kernel/lab-patches).
+      patchesIn = dir: map (name: dir + "/${name}")
         (lib.sort lib.lessThan
           (lib.filter (lib.hasSuffix ".patch")
-            (builtins.attrNames (builtins.readDir ./kernel/patches))));
+            (builtins.attrNames (builtins.readDir dir))));
+      kernelPatches = patchesIn ./kernel/patches ++ patchesIn ./kernel/lab-patches;
 
       # QEMU for x86 hosts only: runs L1, and is copied into L1 to run L2.
       qemu = pkgs.qemu_kvm;

@@ -296,7 +296,8 @@ pub fn exit_cost(lab: &Lab, req: &ExitCostRequest) -> Result<i32> {
             &dirs,
             &KernelInputs {
                 source: lab.cfg.kernel_src.as_deref(),
-                patches_dir: Some(&lab.repo.join("kernel/patches")),
+                patches: kernel::lab_kernel_patches(&lab.repo)?,
+                selftest: true,
                 config_fragment: &fragment,
             },
         )?;
@@ -321,7 +322,8 @@ pub fn exit_cost(lab: &Lab, req: &ExitCostRequest) -> Result<i32> {
                 &dirs,
                 &KernelInputs {
                     source: lab.cfg.kernel_src.as_deref(),
-                    patches_dir: None,
+                    patches: kernel::baseline_patches(&lab.repo)?,
+                    selftest: false,
                     config_fragment: &fragment,
                 },
             )?;

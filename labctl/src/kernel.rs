@@ -78,9 +78,31 @@ pub struct PatchInfo {
 pub struct KernelInputs<'a> {
     /// Tarball or tree; None: the distribution's linux-source-6.12 tarball.
     pub source: Option<&'a Path>,
-    /// The patch series; None: build the source unpatched (the benchmark's baseline).
-    pub patches_dir: Option<&'a Path>,
+    /// What to apply, in order: [`lab_kernel_patches`] for the lab's kernel,
+    /// [`baseline_patches`] for the benchmark's unpatched baseline.
+    pub patches: Vec<PathBuf>,
+    /// Also build the series' selftest (part of the series; a baseline has none).
+    pub selftest: bool,
     pub config_fragment: &'a Path,
+}
+
+/// The series under study: `kernel/patches`.
+pub const SERIES_DIR: &str = "kernel/patches";
+/// Workarounds for the emulated CPU the lab runs KVM on, not part of the series:
+/// `kernel/lab-patches`, applied after the series and to the baseline alike.
+pub const LAB_PATCHES_DIR: &str = "kernel/lab-patches";
+
+/// The lab's L1 kernel: the series, then the lab's workarounds.
+pub fn lab_kernel_patches(repo: &Path) -> Result<Vec<PathBuf>> {
+    let mut v = series(&repo.join(SERIES_DIR))?;
+    v.extend(series(&repo.join(LAB_PATCHES_DIR))?);
+    Ok(v)
+}
+
+/// The benchmark's baseline: the lab's workarounds only, so that the series is the
+/// one difference between the two kernels.
+pub fn baseline_patches(repo: &Path) -> Result<Vec<PathBuf>> {
+    series(&repo.join(LAB_PATCHES_DIR))
 }
 
 pub fn sha256_hex(data: &[u8]) -> String {
@@ -139,15 +161,11 @@ pub fn build(dirs: &KernelDirs, inputs: &KernelInputs) -> Result<BuildInfo> {
     fs::create_dir_all(&dirs.root)?;
     prepare_source(dirs, &source)?;
     let version = kernel_version(&dirs.src())?;
-    let patches = match inputs.patches_dir {
-        Some(dir) => series(dir)?,
-        None => vec![],
-    };
-    sync_patches(dirs, &patches)?;
+    let patches = &inputs.patches;
+    sync_patches(dirs, patches)?;
     configure(dirs, inputs.config_fragment)?;
     make_bzimage(dirs)?;
-    if inputs.patches_dir.is_some() {
-        // The selftest is part of the series; an unpatched baseline has none.
+    if inputs.selftest {
         build_selftest(dirs)?;
     }
     let info = BuildInfo {

@@ -400,7 +400,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             let lab = lab_from(cli.config, cli.repo, a)?;
             lab.build()?;
             let dirs = kernel::KernelDirs::new(&lab.cfg.build_dir);
-            let patches = kernel::series(&lab.repo.join("kernel/patches"))?;
+            let patches = kernel::lab_kernel_patches(&lab.repo)?;
             let results = kernel::quality_gate(&dirs, &patches)?;
             for r in &results {
                 println!("{} {}", if r.ok { "ok  " } else { "FAIL" }, r.name);

@@ -68,13 +68,6 @@ impl Lab {
         })
     }
 
-    fn kernel_inputs(&self) -> (PathBuf, PathBuf) {
-        (
-            self.repo.join("kernel/patches"),
-            self.repo.join("kernel/lab.config"),
-        )
-    }
-
     /// `labctl build`: the kernel, the selftest, the guest programs and the L1 image.
     pub fn build(&self) -> Result<Prepared> {
         let accel = accel::decide(self.cfg.accel, &HostFacts::probe())?;
@@ -83,14 +76,14 @@ impl Lab {
         let (kernel, selftest, build) = match (&self.artifacts.kernel, &self.artifacts.selftest) {
             (Some(k), Some(s)) => (k.clone(), s.clone(), None),
             _ => {
-                let (patches, fragment) = self.kernel_inputs();
                 let dirs = KernelDirs::new(&self.cfg.build_dir);
                 let info = kernel::build(
                     &dirs,
                     &KernelInputs {
                         source: self.cfg.kernel_src.as_deref(),
-                        patches_dir: Some(&patches),
-                        config_fragment: &fragment,
+                        patches: kernel::lab_kernel_patches(&self.repo)?,
+                        selftest: true,
+                        config_fragment: &self.repo.join("kernel/lab.config"),
                     },
                 )?;
                 (
@@ -564,7 +557,7 @@ pub fn selftest_checks(tap: &Tap, status: Option<Status>) -> Vec<Check> {
             "exit-status",
             status == Some(Status::Code(0)),
             format!(
-                "exit_stats_test: {}",
+                "the selftest: {}",
                 status.map_or("did not run".into(), |s| s.to_string())
             ),
         ),
