@@ -17,14 +17,16 @@ use crate::verify::Check;
 
 /// The upstream tests that can run in the lab's L1 (KVM on emulated SVM, no Xen, no PMU
 /// passthrough), and that touch what the series changes: binary stats, CPUID, the
-/// run loop.
-pub const DEFAULT_TESTS: [&str; 6] = [
+/// run loop; and the lab's own check of its emulator workaround
+/// (`kernel/lab-patches`): an interrupt pending across `sti; hlt` wakes the HLT.
+pub const DEFAULT_TESTS: [&str; 7] = [
     "kvm_binary_stats_test",
     "x86_64/cpuid_test",
     "x86_64/set_sregs_test",
     "x86_64/hyperv_cpuid",
     "x86_64/xen_vmcall_test",
     "x86_64/xen_shinfo_test",
+    "x86_64/sti_hlt_wakeup_test",
 ];
 
 /// kselftest's exit status for a test that cannot run here.
