@@ -962,10 +962,10 @@ fn qemu_major() -> u32 {
 
 /// QEMU 7.2's emulated VMRUN drops the guest's interrupt shadow, so an interrupt held
 /// back for the shadow of an STI was delivered before the HLT it was to wake (lost
-/// wake-ups). The lab's KVM single-steps over the shadow instead
+/// wake-ups). The lab's KVM completes a HLT in the shadow itself instead
 /// (kernel/lab-patches/0001); its selftest (lab-patches/0002) counts interrupts taken
 /// inside the shadow and HLTs the pending interrupt did not wake, and must find none.
-/// With the workaround turned off, QEMU before 8.0 shows the bug (7-10 in 20 000 every
+/// With the workaround turned off, QEMU before 8.0 shows the bug (7-12 in 20 000 every
 /// time it was measured); a newer QEMU, or hardware SVM, must pass either way.
 #[test]
 fn an_interrupt_pending_across_sti_hlt_wakes_the_hlt() {
@@ -984,7 +984,7 @@ fn an_interrupt_pending_across_sti_hlt_wakes_the_hlt() {
         "--tests",
         test,
         "--l1-cmdline",
-        "kvm_amd.shadow_singlestep=0",
+        "kvm_amd.shadow_hlt=0",
     ]);
     let out = stdout(&o);
     if !host_can_nest_with_kvm() && qemu_major() < 8 {
