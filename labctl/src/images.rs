@@ -19,7 +19,12 @@ use crate::kernel::sha256_hex;
 use crate::progress::{self, Progress};
 
 /// Guest programs installed in `/guest` of both images.
-pub const GUEST_PROGRAMS: &[&str] = &["test_assignment2", "stress", "boot-done"];
+pub const GUEST_PROGRAMS: &[&str] = &[
+    "test_assignment2",
+    "test_assignment3",
+    "stress",
+    "boot-done",
+];
 pub const INIT_PROGRAM: &str = "lab-init";
 const GUEST_TARGET: &str = "x86_64-unknown-linux-gnu";
 
