@@ -444,12 +444,23 @@ pub fn lab(lab: &Lab) -> Result<i32> {
             Step::Checkpoint {
                 tag: "after-2".into(),
             },
+            // The per-reason leaves: CPUID's reason alone, then every SDM reason.
+            Step::Run {
+                argv: [guest_program("test_assignment3"), vec!["CPUID".into()]].concat(),
+            },
+            Step::Run {
+                argv: guest_program("test_assignment3"),
+            },
+            Step::Checkpoint {
+                tag: "after-3".into(),
+            },
         ],
     );
     let run = lab.run(&p, "lab", &job, &[], stream_output(Level::L2))?;
     let programs = run.programs(Level::L2);
     let lines: Vec<String> = programs
         .iter()
+        .take(2)
         .map(|p| p.stdout.trim_end_matches('\n').to_string())
         .collect();
     let readings: Vec<ExitStats> = lines.iter().filter_map(|l| l.parse().ok()).collect();
@@ -467,6 +478,13 @@ pub fn lab(lab: &Lab) -> Result<i32> {
         &readings,
         stats.get("after-1"),
         stats.get("after-2"),
+    ));
+    let out = |i: usize| programs.get(i).map_or("", |p| p.stdout.as_str());
+    checks.extend(verify::reason_checks(
+        out(2),
+        out(3),
+        stats.get("after-2"),
+        stats.get("after-3"),
     ));
     let mut results = lab.results(&p, "lab", &run, checks);
     results.readings = readings;

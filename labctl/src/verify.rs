@@ -3,8 +3,9 @@
 
 use std::collections::BTreeMap;
 
-use exitlab_proto::leaf::ExitStats;
+use exitlab_proto::leaf::{ExitStats, SDM_REASON_CPUID};
 use exitlab_proto::msg::{VmStats, STAT_EXITS, STAT_EXIT_CYCLES};
+use exitlab_proto::reasons::{self, ReasonAnswer, ReasonLine};
 use exitlab_proto::stress::StressReport;
 use serde::Serialize;
 
@@ -178,6 +179,98 @@ pub fn lab_checks(
             "matches-kvm-stats",
             false,
             "L1 did not report the VM's `exits` and `exit_cycles` statistics (is the kernel patched?)",
+        )),
+    }
+    c
+}
+
+/// CPUIDs `test_assignment3` executes before it reads the CPUID reason in a full walk:
+/// the vendor (leaf 0), the total (0x4FFFFFFF) and reasons 0 through 10, each one exit.
+pub const CPUIDS_BEFORE_CPUID_REASON: u32 = 2 + SDM_REASON_CPUID + 1;
+
+/// Checks for the per-reason part of `labctl lab`: `test_assignment3 CPUID` printed
+/// `first`, then the full walk printed `walk`; L1 read the VM's statistics before the two
+/// (`before`) and after them (`after`).
+///
+/// Relations: a walk reads each reason at a different moment, but every count only grows
+/// and at any one moment the per-reason counts sum to the total, so the walk's sum lies
+/// between the totals read before and after it. The CPUID reason grew between the two
+/// programs by at least the CPUIDs the walk executed before reading it.
+pub fn reason_checks(
+    first: &str,
+    walk: &str,
+    before: Option<&VmStats>,
+    after: Option<&VmStats>,
+) -> Vec<Check> {
+    let mut c = Vec::new();
+    let parse =
+        |out: &str| -> Result<Vec<ReasonLine>, String> { out.lines().map(str::parse).collect() };
+    let (first, walk) = match (parse(first), parse(walk)) {
+        (Ok(f), Ok(w)) => (f, w),
+        (Err(e), _) | (_, Err(e)) => {
+            c.push(Check::new("per-reason-table", false, e));
+            return c;
+        }
+    };
+    let numbers: Vec<u32> = walk.iter().map(|l| l.reason).collect();
+    let undefined: Vec<u32> = walk
+        .iter()
+        .filter(|l| l.answer == ReasonAnswer::Undefined)
+        .map(|l| l.reason)
+        .collect();
+    let table_ok = numbers == (0..=reasons::SDM_LAST).collect::<Vec<_>>()
+        && undefined == [35, 38, 42, 71]
+        && walk
+            .iter()
+            .all(|l| l.name.as_deref() == reasons::sdm_name(l.reason));
+    c.push(Check::new(
+        "per-reason-table",
+        table_ok,
+        format!(
+            "{} lines for reasons 0..={}, undefined (EDX=0xFFFFFFFF): {undefined:?}; wanted every SDM reason once, in order, named, and exactly 35, 38, 42, 71 undefined",
+            walk.len(),
+            reasons::SDM_LAST
+        ),
+    ));
+    let exits = |l: &ReasonLine| match l.answer {
+        ReasonAnswer::Stats(s) => u64::from(s.exits),
+        ReasonAnswer::Undefined => 0,
+    };
+    let sum: u64 = walk.iter().map(exits).sum();
+    match (
+        before.and_then(|s| s.total(STAT_EXITS)),
+        after.and_then(|s| s.total(STAT_EXITS)),
+    ) {
+        (Some(s1), Some(s2)) => c.push(Check::new(
+            "per-reason-sum",
+            s1 <= sum && sum <= s2,
+            format!("the walk's per-reason exits sum to {sum}; KVM's total was {s1} before the programs and {s2} after: wanted {s1} <= {sum} <= {s2}"),
+        )),
+        _ => c.push(Check::new(
+            "per-reason-sum",
+            false,
+            "L1 did not report the VM's `exits` around the walk",
+        )),
+    }
+    let cpuid = |lines: &[ReasonLine]| {
+        lines
+            .iter()
+            .find(|l| l.reason == SDM_REASON_CPUID)
+            .map(exits)
+    };
+    match (cpuid(&first), cpuid(&walk)) {
+        (Some(a), Some(b)) => c.push(Check::new(
+            "per-reason-cpuid",
+            b >= a + u64::from(CPUIDS_BEFORE_CPUID_REASON),
+            format!(
+                "CPUID's exits {a} then {b} (+{}); the walk executed {CPUIDS_BEFORE_CPUID_REASON} CPUIDs before reading it",
+                b.saturating_sub(a)
+            ),
+        )),
+        _ => c.push(Check::new(
+            "per-reason-cpuid",
+            false,
+            "no CPUID line (reason 10) in both outputs",
         )),
     }
     c
@@ -363,6 +456,59 @@ pub fn stress_checks(
 mod tests {
     use super::*;
     use exitlab_proto::msg::VcpuStats;
+
+    fn walk(cpuid_exits: u32, other: u32) -> String {
+        (0..=reasons::SDM_LAST)
+            .map(|r| {
+                let answer = match reasons::sdm_name(r) {
+                    None => ReasonAnswer::Undefined,
+                    Some(_) => ReasonAnswer::Stats(ExitStats {
+                        exits: if r == SDM_REASON_CPUID {
+                            cpuid_exits
+                        } else if r == 1 {
+                            other
+                        } else {
+                            0
+                        },
+                        cycles: 5,
+                    }),
+                };
+                ReasonLine {
+                    leaf: exitlab_proto::leaf::LEAF_SDM,
+                    reason: r,
+                    name: reasons::sdm_name(r).map(str::to_string),
+                    answer,
+                }
+                .to_string()
+                    + "\n"
+            })
+            .collect()
+    }
+
+    #[test]
+    fn reason_checks_hold_for_a_consistent_walk_and_fail_otherwise() {
+        let first =
+            "CPUID(0x4FFFFFFE), exit reason 10 (CPUID), exits=100, cycles spent in exit=7\n";
+        let ok = |c: &[Check]| c.iter().all(|c| c.ok);
+        let c = reason_checks(first, &walk(113, 400), Some(&vm(500, 1)), Some(&vm(520, 2)));
+        assert!(ok(&c), "{c:?}");
+        // The sum outside the totals around it.
+        let c = reason_checks(first, &walk(113, 500), Some(&vm(500, 1)), Some(&vm(520, 2)));
+        assert!(!c.iter().find(|c| c.name == "per-reason-sum").unwrap().ok);
+        // CPUID grew by less than the walk's own CPUIDs.
+        let c = reason_checks(first, &walk(112, 395), Some(&vm(500, 1)), Some(&vm(520, 2)));
+        assert!(!c.iter().find(|c| c.name == "per-reason-cpuid").unwrap().ok);
+        // A missing reason, or a table of errors.
+        let short: String = walk(113, 400)
+            .lines()
+            .skip(1)
+            .map(|l| l.to_string() + "\n")
+            .collect();
+        let c = reason_checks(first, &short, Some(&vm(500, 1)), Some(&vm(520, 2)));
+        assert!(!c.iter().find(|c| c.name == "per-reason-table").unwrap().ok);
+        let c = reason_checks(first, "", None, None);
+        assert!(!ok(&c));
+    }
 
     fn vm(exits: u64, cycles: u64) -> VmStats {
         VmStats {

@@ -9,6 +9,7 @@ use std::process::{Command, Output};
 
 use common::{lab_lock, labctl, repo};
 use exitlab_proto::leaf::ExitStats;
+use exitlab_proto::reasons::{ReasonAnswer, ReasonLine};
 
 /// A boot that takes longer than this has hung: normal boots here take under 2 minutes.
 const BOOT_TIMEOUT: &str = "300";
@@ -74,7 +75,7 @@ fn results(o: &Output) -> serde_yaml_ng::Value {
 fn readings(o: &Output) -> Vec<ExitStats> {
     stdout(o)
         .lines()
-        .filter(|l| l.starts_with("CPUID("))
+        .filter(|l| l.starts_with("CPUID(0x4FFFFFFF)"))
         .map(|l| l.parse().expect("a line in the exact sample format"))
         .collect()
 }
@@ -114,10 +115,36 @@ fn lab_prints_growing_readings_that_match_kvm_statistics() {
             "nonzero",
             "growing",
             "matches-kvm-stats",
+            "per-reason-table",
+            "per-reason-sum",
+            "per-reason-cpuid",
             "no-stalls"
         ]
     );
     assert!(checks.iter().all(|c| c["ok"].as_bool() == Some(true)));
+    // test_assignment3's walk: every SDM reason once, and the exits a booted L2 takes
+    // (CPUID, HLT, I/O, nested page faults, external interrupts, MSR writes) nonzero.
+    let walk: Vec<ReasonLine> = stdout(&o)
+        .lines()
+        .filter(|l| l.starts_with("CPUID(0x4FFFFFFE), exit reason "))
+        .map(|l| l.parse().expect("a line in test_assignment3's format"))
+        .collect();
+    assert_eq!(walk.len(), 1 + 78, "CPUID alone, then reasons 0..=77");
+    for (reason, name) in [
+        (1, "EXTERNAL_INTERRUPT"),
+        (10, "CPUID"),
+        (12, "HLT"),
+        (30, "IO_INSTRUCTION"),
+        (32, "MSR_WRITE"),
+        (48, "EPT_VIOLATION"),
+    ] {
+        let l = walk[1..].iter().find(|l| l.reason == reason).unwrap();
+        assert_eq!(l.name.as_deref(), Some(name));
+        assert!(
+            matches!(l.answer, ReasonAnswer::Stats(s) if s.exits > 0 && s.cycles > 0),
+            "{l}"
+        );
+    }
     // The results file holds the same readings as stdout, and KVM's own totals bound them.
     assert_eq!(
         y["readings"][1]["exits"].as_u64(),
@@ -1002,4 +1029,61 @@ fn an_interrupt_pending_across_sti_hlt_wakes_the_hlt() {
     } else {
         assert_eq!(code(&o), 0, "{out}");
     }
+}
+
+/// `test_assignment3 --native` walks the vendor's own codes (SVM here: 0x0..=0xA2 and
+/// 0x400..=0x403); bad reasons get exit 2 and say what to give; with the leaves not
+/// enabled for the VM it says so and exits 1 instead of printing zeros.
+#[test]
+fn test_assignment3_walks_native_codes_and_refuses_bad_input() {
+    let _g = lab_lock();
+    let o = boot(&["exec", "--", "/guest/test_assignment3", "--native"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let lines: Vec<ReasonLine> = stdout(&o)
+        .lines()
+        .filter(|l| l.starts_with("CPUID(0x4FFFFFFD)"))
+        .map(|l| l.parse().unwrap())
+        .collect();
+    if !host_can_nest_with_kvm() {
+        assert_eq!(
+            lines.len(),
+            0xA3 + 4,
+            "SVM's codes under TCG's emulated AMD"
+        );
+        let npf = lines.iter().find(|l| l.reason == 0x400).unwrap();
+        assert_eq!(npf.name.as_deref(), Some("NPF"));
+        assert!(
+            matches!(npf.answer, ReasonAnswer::Stats(s) if s.exits > 0),
+            "{npf}"
+        );
+    }
+    for (args, wanted) in [
+        (vec!["35"], "not defined in the SDM"),
+        (vec!["NO_SUCH_REASON"], "give an SDM basic exit reason"),
+        (vec!["--native", "0x404"], "unknown native exit code"),
+        (vec!["--bogus"], "unknown option"),
+    ] {
+        let mut argv = vec!["exec", "--", "/guest/test_assignment3"];
+        argv.extend(args.iter());
+        let o = boot(&argv);
+        assert_eq!(code(&o), 2, "{args:?}: {}", stderr(&o));
+        assert!(
+            stdout(&o).contains(wanted) || stderr(&o).contains(wanted),
+            "{args:?}: {}{}",
+            stdout(&o),
+            stderr(&o)
+        );
+    }
+    // Leaves not enabled for the VM (kvm.exit_stats_leaves=0 in L1): an error, not zeros.
+    let o = boot(&[
+        "exec",
+        "--l1-cmdline",
+        "kvm.exit_stats_leaves=0",
+        "--",
+        "/guest/test_assignment3",
+    ]);
+    assert_eq!(code(&o), 1, "{}", stdout(&o));
+    let text = stdout(&o) + &stderr(&o);
+    assert!(text.contains("exit_stats_leaves=1"), "{text}");
+    assert!(!text.contains("exit reason 10 (CPUID)"), "{text}");
 }
