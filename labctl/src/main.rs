@@ -15,6 +15,7 @@ mod images;
 mod kernel;
 mod kvm_selftests;
 mod lock;
+mod paging;
 mod plot;
 mod progress;
 mod record;
@@ -52,7 +53,8 @@ struct Cli {
 enum Command {
     /// Build the patched kernel, the selftest, the guest programs and the L1 image.
     Build(LabArgs),
-    /// Boot the lab and run test_assignment2 twice in L2; check the readings.
+    /// Boot the lab and run test_assignment2 twice in L2, then test_assignment3; check
+    /// the readings against KVM's statistics.
     Lab(LabArgs),
     /// Run a command in L2, after copying host files into its working directory.
     Exec(ExecArgs),
@@ -70,6 +72,9 @@ enum Command {
     /// KVM's own selftests, built from the patched tree and run in L1: they must pass (or
     /// skip) on the patched kernel, and with --baseline give the same outcome as unpatched.
     KvmSelftests(KvmSelftestsArgs),
+    /// Boot L2 with L1's KVM using nested paging, then shadow paging (kvm_amd.npt=0,
+    /// kvm_intel.ept=0); compare the boots' exits by reason (test_assignment3) side by side.
+    ComparePaging(LabArgs),
     /// List what the lab needs from this machine, and how to install what is missing.
     Doctor,
     /// Run a scenario N times: each run's outcome, time and stalls, and the failure and
@@ -421,6 +426,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             kvm_selftests::run(&lab, &k.tests, k.baseline.as_deref())
         }
         Command::Selftest(a) => scenario::selftest(&lab_from(cli.config, cli.repo, a)?),
+        Command::ComparePaging(a) => paging::run(&lab_from(cli.config, cli.repo, a)?),
         Command::Stress(st) => {
             let lab = lab_from(
                 cli.config,

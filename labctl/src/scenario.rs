@@ -399,7 +399,7 @@ pub(crate) fn l2_vm_with_args(
     }
 }
 
-fn guest_program(name: &str) -> Vec<String> {
+pub(crate) fn guest_program(name: &str) -> Vec<String> {
     vec![format!("{}/{name}", l1::GUEST_BIN_DIR)]
 }
 

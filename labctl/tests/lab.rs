@@ -1087,3 +1087,37 @@ fn test_assignment3_walks_native_codes_and_refuses_bad_input() {
     assert!(text.contains("exit_stats_leaves=1"), "{text}");
     assert!(!text.contains("exit reason 10 (CPUID)"), "{text}");
 }
+
+/// The course's paging question: the same L2 boot with nested paging, then shadow paging
+/// (`kvm_amd.npt=0`). Under shadow paging KVM intercepts L2's page faults (SDM reason 0)
+/// and has no nested page faults (48) to take; the totals and the table say by how much.
+#[test]
+fn compare_paging_shows_what_shadow_paging_changes() {
+    let _g = lab_lock();
+    let o = boot(&["compare-paging"]);
+    assert_eq!(code(&o), 0, "{}\n{}", stdout(&o), stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("SDM exit reason"), "{out}");
+    let y = results(&o);
+    assert_eq!(y["schema"].as_str(), Some("kvm-exit-lab/compare-paging/v1"));
+    assert_eq!(y["ok"].as_bool(), Some(true));
+    let sides = y["sides"].as_sequence().unwrap();
+    assert_eq!(sides.len(), 2);
+    assert_eq!(sides[0]["mode"].as_str(), Some("nested"));
+    assert_eq!(sides[1]["mode"].as_str(), Some("shadow"));
+    assert!(sides[1]["l1_cmdline"]
+        .as_str()
+        .unwrap()
+        .contains("kvm_amd.npt=0"));
+    let exits = |side: &serde_yaml_ng::Value, reason: usize| {
+        side["reasons"][reason][0].as_u64().unwrap_or(0)
+    };
+    let (nested, shadow) = (&sides[0], &sides[1]);
+    assert!(exits(shadow, 0) > exits(nested, 0), "{out}");
+    assert!(
+        exits(nested, 48) > 0 && exits(shadow, 48) < exits(nested, 48),
+        "{out}"
+    );
+    let total = |side: &serde_yaml_ng::Value| side["total_exits"].as_u64().unwrap();
+    assert!(total(nested) > 0 && total(shadow) > 0, "{out}");
+}
