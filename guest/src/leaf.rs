@@ -14,3 +14,20 @@ pub fn read_subleaf(ecx: u32) -> Result<ExitStats, LeafError> {
     let r = cpuid!(LEAF, ecx);
     ExitStats::from_regs(r.eax, r.ebx, r.ecx, r.edx)
 }
+
+/// Executes CPUID with EAX = `leaf` (a per-reason leaf) and ECX = `reason`; `None` if the
+/// registers are not an exit-statistics answer.
+pub fn read_reason(leaf: u32, reason: u32) -> Option<exitlab_proto::reasons::ReasonAnswer> {
+    let r = cpuid!(leaf, reason);
+    exitlab_proto::reasons::ReasonAnswer::from_regs(r.eax, r.ebx, r.ecx, r.edx)
+}
+
+/// CPUID's own SDM reason, as leaf 0x4FFFFFFE answers it; `None` if it does not.
+pub fn read_cpuid_reason() -> Option<ExitStats> {
+    use exitlab_proto::leaf::{LEAF_SDM, SDM_REASON_CPUID};
+    use exitlab_proto::reasons::ReasonAnswer;
+    match read_reason(LEAF_SDM, SDM_REASON_CPUID)? {
+        ReasonAnswer::Stats(s) => Some(s),
+        ReasonAnswer::Undefined => None,
+    }
+}

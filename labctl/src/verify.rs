@@ -346,6 +346,27 @@ pub fn stress_checks(
             exits as i64 - cpuids as i64
         ),
     ));
+    // CPUID's own reason: the hammer's CPUIDs plus the reading after them (an exit of
+    // that reason, counted before KVM answers it), and less than twice the hammer.
+    match (report.cpuid_before, report.cpuid_after) {
+        (Some(r0), Some(r1)) => {
+            let grew = u64::from(r0.exits_until(&r1));
+            c.push(Check::new(
+                "cpuid-reason",
+                grew > cpuids && grew < 2 * cpuids && r1.cycles > r0.cycles,
+                format!(
+                    "CPUID's reason (0x4FFFFFFE, 10): +{grew} exits, +{} cycles for {cpuids} CPUIDs (must be > {cpuids} and < {})",
+                    r1.cycles.wrapping_sub(r0.cycles) as i64,
+                    2 * cpuids
+                ),
+            ));
+        }
+        _ => c.push(Check::new(
+            "cpuid-reason",
+            false,
+            "leaf 0x4FFFFFFE did not answer for CPUID's reason (the per-reason leaves are not enabled, or KVM is not patched)",
+        )),
+    }
     c.push(Check::new(
         "cycles-grow",
         g1.cycles > g0.cycles,
@@ -630,6 +651,8 @@ mod tests {
                 cpus: vcpus,
                 before: g0,
                 after: g1,
+                cpuid_before: Some(r(100, 1_000)),
+                cpuid_after: Some(r(100 + vcpus * K as u32 + 1, 2_000_000)),
                 threads: (0..vcpus)
                     .map(|i| ThreadReport {
                         index: i,
@@ -693,6 +716,17 @@ mod tests {
                 vec![(0, K + 50), (1, K + 50), (2, K + 50), (3, K + 50)]
             );
             assert!((f.exits_per_s - 4140.0).abs() < 1e-6);
+        }
+
+        #[test]
+        fn cpuids_missing_from_their_reason_fail() {
+            let (mut rep, s0, s1) = good();
+            rep.cpuid_after = Some(r(100 + 4 * K as u32 - 3, 2_000_000));
+            let (c, _) = stress_checks(4, &rep, Some(&s0), Some(&s1));
+            assert_eq!(failed(&c), ["cpuid-reason"]);
+            rep.cpuid_after = None;
+            let (c, _) = stress_checks(4, &rep, Some(&s0), Some(&s1));
+            assert_eq!(failed(&c), ["cpuid-reason"]);
         }
 
         #[test]

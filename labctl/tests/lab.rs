@@ -628,6 +628,7 @@ fn stress_at_1_and_4_vcpus_is_exact() {
     for name in [
         "pinned",
         "exits-per-cpuid",
+        "cpuid-reason",
         "cycles-grow",
         "matches-kvm-stats",
         "every-vcpu-did-its-share",
@@ -671,6 +672,7 @@ fn stress_fails_loudly_with_accounting_off() {
     assert_eq!(code(&o), 1);
     let out = stdout(&o);
     assert!(out.contains("check exits-per-cpuid      FAIL"), "{out}");
+    assert!(out.contains("check cpuid-reason"), "{out}");
     assert!(out.contains("check matches-kvm-stats    FAIL"), "{out}");
 }
 

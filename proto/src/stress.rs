@@ -95,6 +95,12 @@ pub struct StressReport {
     /// Leaf readings just before the threads start, and just after they all finished.
     pub before: ExitStats,
     pub after: ExitStats,
+    /// CPUID's own reason (leaf 0x4FFFFFFE, SDM reason 10) read just after `before` and
+    /// just before `after`; `None` if the per-reason leaf did not answer.
+    #[serde(default)]
+    pub cpuid_before: Option<ExitStats>,
+    #[serde(default)]
+    pub cpuid_after: Option<ExitStats>,
     pub threads: Vec<ThreadReport>,
     /// From the start barrier to the last thread's end.
     pub wall_ns: u64,

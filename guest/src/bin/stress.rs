@@ -1,5 +1,6 @@
 //! The stress workload: T threads, each pinned to its own vCPU, start together and execute
-//! CPUID (a VM exit each) K times. The leaf 0x4FFFFFFF is read just before and just after;
+//! CPUID (a VM exit each) K times. The leaf 0x4FFFFFFF, and CPUID's own reason through
+//! 0x4FFFFFFE, are read just before and just after;
 //! the result is one JSON line ([`exitlab_proto::stress::StressReport`]) on stdout.
 //!
 //! Usage: stress --threads T --iterations K [--leaf L] [--subleaf S]
@@ -62,6 +63,7 @@ fn run(spec: StressSpec) -> Result<StressReport> {
         }));
     }
     let before = leaf::read().context("reading the leaf before")?;
+    let cpuid_before = leaf::read_cpuid_reason();
     let start = Instant::now();
     barrier.wait();
     let mut threads = Vec::new();
@@ -72,12 +74,15 @@ fn run(spec: StressSpec) -> Result<StressReport> {
         }
     }
     let wall_ns = start.elapsed().as_nanos() as u64;
+    let cpuid_after = leaf::read_cpuid_reason();
     let after = leaf::read().context("reading the leaf after")?;
     Ok(StressReport {
         spec,
         cpus,
         before,
         after,
+        cpuid_before,
+        cpuid_after,
         threads,
         wall_ns,
     })
