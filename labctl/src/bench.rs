@@ -518,14 +518,7 @@ fn print_exit_cost(variants: &[Variant], checks: &[Check]) {
             }
         }
     }
-    for c in checks {
-        println!(
-            "check {:<24} {}  {}",
-            c.name,
-            if c.ok { "ok  " } else { "FAIL" },
-            c.detail
-        );
-    }
+    crate::verify::print_checks(checks, 24);
 }
 
 /// `labctl bench scaling`: exits/s with 1, 2 and 4 L2 vCPUs, accounting on and off,

@@ -164,14 +164,7 @@ pub fn run(lab: &Lab, tests: &[String], baseline: Option<&Path>) -> Result<i32> 
             unpatched: b,
         });
     }
-    for c in &checks {
-        println!(
-            "check {:<40} {}  {}",
-            c.name,
-            if c.ok { "ok  " } else { "FAIL" },
-            c.detail
-        );
-    }
+    crate::verify::print_checks(&checks, 40);
     let ok = checks.iter().all(|c| c.ok);
     let summary = Summary {
         schema: "kvm-exit-lab/kvm-selftests/v1",

@@ -182,14 +182,7 @@ pub fn run(lab: &Lab) -> Result<i32> {
         ),
     ));
     print!("{}", table(a, b));
-    for c in &checks {
-        println!(
-            "check {:<32} {}  {}",
-            c.name,
-            if c.ok { "ok  " } else { "FAIL" },
-            c.detail
-        );
-    }
+    crate::verify::print_checks(&checks, 32);
     let ok = checks.iter().all(|c| c.ok);
     write(lab, &sides, &checks, ok)?;
     Ok(if ok {
@@ -217,28 +210,16 @@ fn write(lab: &Lab, sides: &[Side], checks: &[Check], ok: bool) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use exitlab_proto::leaf::{ExitStats, LEAF_SDM};
+    use exitlab_proto::leaf::ExitStats;
 
     fn walk(counts: &[(u32, u32)]) -> String {
-        (0..=reasons::SDM_LAST)
-            .map(|r| {
-                let answer = match reasons::sdm_name(r) {
-                    None => ReasonAnswer::Undefined,
-                    Some(_) => ReasonAnswer::Stats(ExitStats {
-                        exits: counts.iter().find(|c| c.0 == r).map_or(0, |c| c.1),
-                        cycles: 10,
-                    }),
-                };
-                ReasonLine {
-                    leaf: LEAF_SDM,
-                    reason: r,
-                    name: reasons::sdm_name(r).map(str::to_string),
-                    answer,
-                }
-                .to_string()
-                    + "\n"
-            })
-            .collect()
+        reasons::sdm_walk(|r| ExitStats {
+            exits: counts.iter().find(|c| c.0 == r).map_or(0, |c| c.1),
+            cycles: 10,
+        })
+        .iter()
+        .map(|l| format!("{l}\n"))
+        .collect()
     }
 
     #[test]

@@ -16,6 +16,13 @@ pub struct Check {
     pub detail: String,
 }
 
+/// Prints checks one per line, `check <name> ok|FAIL  <detail>`, names padded to `width`.
+pub fn print_checks(checks: &[Check], width: usize) {
+    for c in checks {
+        c.print_padded(width);
+    }
+}
+
 impl Check {
     pub fn new(name: &str, ok: bool, detail: impl Into<String>) -> Self {
         Self {
@@ -27,8 +34,12 @@ impl Check {
 
     /// One line: `check <name> ok|FAIL  <detail>`.
     pub fn print(&self) {
+        self.print_padded(20);
+    }
+
+    fn print_padded(&self, width: usize) {
         println!(
-            "check {:<20} {}  {}",
+            "check {:<width$} {}  {}",
             self.name,
             if self.ok { "ok  " } else { "FAIL" },
             self.detail
@@ -479,31 +490,17 @@ mod tests {
     use exitlab_proto::msg::VcpuStats;
 
     fn walk(cpuid_exits: u32, other: u32) -> String {
-        (0..=reasons::SDM_LAST)
-            .map(|r| {
-                let answer = match reasons::sdm_name(r) {
-                    None => ReasonAnswer::Undefined,
-                    Some(_) => ReasonAnswer::Stats(ExitStats {
-                        exits: if r == SDM_REASON_CPUID {
-                            cpuid_exits
-                        } else if r == 1 {
-                            other
-                        } else {
-                            0
-                        },
-                        cycles: 5,
-                    }),
-                };
-                ReasonLine {
-                    leaf: exitlab_proto::leaf::LEAF_SDM,
-                    reason: r,
-                    name: reasons::sdm_name(r).map(str::to_string),
-                    answer,
-                }
-                .to_string()
-                    + "\n"
-            })
-            .collect()
+        reasons::sdm_walk(|r| ExitStats {
+            exits: match r {
+                SDM_REASON_CPUID => cpuid_exits,
+                1 => other,
+                _ => 0,
+            },
+            cycles: 5,
+        })
+        .iter()
+        .map(|l| format!("{l}\n"))
+        .collect()
     }
 
     #[test]

@@ -328,6 +328,22 @@ impl fmt::Display for ReasonLine {
     }
 }
 
+/// A whole SDM walk as `test_assignment3` prints it, every reason 0..=[`SDM_LAST`] in
+/// order, from what the leaf answers for each defined reason (undefined ones are marked).
+pub fn sdm_walk(mut answer: impl FnMut(u32) -> ExitStats) -> Vec<ReasonLine> {
+    (0..=SDM_LAST)
+        .map(|reason| ReasonLine {
+            leaf: LEAF_SDM,
+            reason,
+            name: sdm_name(reason).map(str::to_string),
+            answer: match sdm_name(reason) {
+                Some(_) => ReasonAnswer::Stats(answer(reason)),
+                None => ReasonAnswer::Undefined,
+            },
+        })
+        .collect()
+}
+
 /// Parses exactly what [`ReasonLine`]'s `Display` prints.
 impl FromStr for ReasonLine {
     type Err = String;
