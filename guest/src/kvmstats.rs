@@ -14,7 +14,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use exitlab_proto::msg::{VcpuStats, VmStats};
+use exitlab_proto::msg::{stat_sdm_reason_exits, VcpuStats, VmStats};
 use serde_json::{json, Value};
 
 #[derive(Debug, thiserror::Error)]
@@ -102,6 +102,21 @@ pub fn read_some(dir: &Path, names: &[&str]) -> Result<BTreeMap<String, u64>, St
 /// `exit_reasons` file instead.
 const ARRAY_STATS: [&str; 2] = ["exit_reason_exits", "exit_reason_cycles"];
 
+/// The VM's exits by SDM reason from its `exit_reasons` file (`code sdm exits cycles`
+/// lines, `-` for a slot with no SDM reason), summed over the codes of each reason.
+pub fn sdm_reason_exits(text: &str) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    for line in text.lines().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if let [_, sdm, exits, _] = f[..] {
+            if let (Ok(sdm), Ok(exits)) = (sdm.parse::<u32>(), exits.parse::<u64>()) {
+                *out.entry(stat_sdm_reason_exits(sdm)).or_insert(0) += exits;
+            }
+        }
+    }
+    out
+}
+
 /// Every numeric file of the VM's debugfs directory: the VM statistics and the vCPU
 /// statistics summed over vCPUs (but for the arrays' first elements).
 fn read_debugfs(pid: i32) -> Result<BTreeMap<String, u64>, StatsError> {
@@ -116,6 +131,12 @@ fn read_debugfs(pid: i32) -> Result<BTreeMap<String, u64>, StatsError> {
         }
         let name = e.file_name().to_string_lossy().into_owned();
         if ARRAY_STATS.contains(&name.as_str()) {
+            continue;
+        }
+        if name == "exit_reasons" {
+            if let Ok(text) = fs::read_to_string(e.path()) {
+                out.extend(sdm_reason_exits(&text));
+            }
             continue;
         }
         if let Ok(text) = fs::read_to_string(e.path()) {
@@ -230,6 +251,16 @@ pub fn parse_query_stats(cpus: &Value, stats: &Value) -> Result<Vec<VcpuStats>, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exit_reasons_sum_by_sdm_reason() {
+        let text = "code sdm exits cycles\n0x72 10 5 100\n0x7c 31 2 9\n0x7c 32 3 9\n0x400 48 7 1\n0x401 - 4 4\n";
+        let m = sdm_reason_exits(text);
+        assert_eq!(m.get("exit_reasons_sdm_10"), Some(&5));
+        assert_eq!(m.get("exit_reasons_sdm_32"), Some(&3));
+        assert_eq!(m.get("exit_reasons_sdm_48"), Some(&7));
+        assert_eq!(m.len(), 4, "{m:?}");
+    }
 
     #[test]
     fn joins_cpus_and_stats() {

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use exitlab_proto::leaf::{ExitStats, SDM_REASON_CPUID};
-use exitlab_proto::msg::{VmStats, STAT_EXITS, STAT_EXIT_CYCLES};
+use exitlab_proto::msg::{stat_sdm_reason_exits, VmStats, STAT_EXITS, STAT_EXIT_CYCLES};
 use exitlab_proto::reasons::{self, ReasonAnswer, ReasonLine};
 use exitlab_proto::stress::StressReport;
 use serde::Serialize;
@@ -263,6 +263,43 @@ pub fn reason_checks(
             "L1 did not report the VM's `exits` around the walk",
         )),
     }
+    // Each reason against KVM's own per-reason counters (debugfs `exit_reasons`, summed by
+    // SDM reason) read before and after the programs: K_before <= walk <= K_after.
+    match (before, after) {
+        (Some(b), Some(a)) => {
+            let kvm = |s: &VmStats, r: u32| {
+                s.vm.get(&stat_sdm_reason_exits(r)).copied().unwrap_or(0) as u32
+            };
+            let off: Vec<String> = walk
+                .iter()
+                .filter_map(|l| match l.answer {
+                    ReasonAnswer::Stats(s) => {
+                        let (k0, k1) = (kvm(b, l.reason), kvm(a, l.reason));
+                        (!(exits_le(k0, s.exits) && exits_le(s.exits, k1)))
+                            .then(|| format!("{}: {k0} <= {} <= {k1}?", l.reason, s.exits))
+                    }
+                    ReasonAnswer::Undefined => None,
+                })
+                .collect();
+            let known = a.vm.keys().any(|k| k.starts_with("exit_reasons_sdm_"));
+            c.push(Check::new(
+                "per-reason-matches-kvm",
+                known && off.is_empty(),
+                if !known {
+                    "L1 read no per-reason counters (the VM's debugfs exit_reasons file)".to_string()
+                } else if off.is_empty() {
+                    "every reason's count lies between KVM's per-reason counters read before and after the walk".to_string()
+                } else {
+                    format!("outside KVM's per-reason counters: {}", off.join("; "))
+                },
+            ));
+        }
+        _ => c.push(Check::new(
+            "per-reason-matches-kvm",
+            false,
+            "L1 did not report the VM's statistics around the walk",
+        )),
+    }
     let cpuid = |lines: &[ReasonLine]| {
         lines
             .iter()
@@ -508,8 +545,23 @@ mod tests {
         let first =
             "CPUID(0x4FFFFFFE), exit reason 10 (CPUID), exits=100, cycles spent in exit=7\n";
         let ok = |c: &[Check]| c.iter().all(|c| c.ok);
-        let c = reason_checks(first, &walk(113, 400), Some(&vm(500, 1)), Some(&vm(520, 2)));
+        let with_reasons = |exits: u64, cpuid: u64, intr: u64| {
+            let mut s = vm(exits, 1);
+            s.vm.insert(stat_sdm_reason_exits(10), cpuid);
+            s.vm.insert(stat_sdm_reason_exits(1), intr);
+            s
+        };
+        let (k0, k1) = (with_reasons(500, 100, 390), with_reasons(520, 115, 405));
+        let c = reason_checks(first, &walk(113, 400), Some(&k0), Some(&k1));
         assert!(ok(&c), "{c:?}");
+        // A reason ahead of KVM's own counter after the walk.
+        let c = reason_checks(first, &walk(113, 406), Some(&k0), Some(&k1));
+        assert!(
+            !c.iter()
+                .find(|c| c.name == "per-reason-matches-kvm")
+                .unwrap()
+                .ok
+        );
         // The sum outside the totals around it.
         let c = reason_checks(first, &walk(113, 500), Some(&vm(500, 1)), Some(&vm(520, 2)));
         assert!(!c.iter().find(|c| c.name == "per-reason-sum").unwrap().ok);

@@ -117,6 +117,7 @@ fn lab_prints_growing_readings_that_match_kvm_statistics() {
             "matches-kvm-stats",
             "per-reason-table",
             "per-reason-sum",
+            "per-reason-matches-kvm",
             "per-reason-cpuid",
             "no-stalls"
         ]

@@ -104,6 +104,13 @@ pub const STAT_EXITS: &str = "exits";
 /// Host-side name of the per-vCPU exit-cycles counter (added by kernel/patches).
 pub const STAT_EXIT_CYCLES: &str = "exit_cycles";
 
+/// The VM-wide exits of one SDM basic exit reason, as L1 reads them from the VM's debugfs
+/// `exit_reasons` file (the patched KVM's per-reason counters summed over vCPUs and over
+/// the vendor codes of that reason), carried in [`VmStats::vm`] under this name.
+pub fn stat_sdm_reason_exits(reason: u32) -> String {
+    format!("exit_reasons_sdm_{reason}")
+}
+
 /// What a recording samples: the totals, and KVM's counters of particular kinds of exit
 /// and of exit-related work. The kinds overlap (an MMIO exit is also a page fault taken)
 /// and do not cover every exit (CPUID, MSR and others have no counter of their own).
