@@ -114,19 +114,7 @@ pub fn run(lab: &Lab) -> Result<i32> {
     let mut sides: Vec<Side> = Vec::new();
     let mut checks: Vec<Check> = Vec::new();
     for (mode, params) in MODES {
-        let l1_cmdline = [lab.l1_cmdline.as_str(), params]
-            .iter()
-            .filter(|s| !s.is_empty())
-            .copied()
-            .collect::<Vec<_>>()
-            .join(" ");
-        let side_lab = Lab {
-            lock: lab.lock.clone(),
-            cfg: lab.cfg.clone(),
-            repo: lab.repo.clone(),
-            artifacts: lab.artifacts.clone(),
-            l1_cmdline: l1_cmdline.clone(),
-        };
+        let side_lab = lab.with_l1_cmdline(params);
         crate::progress::note("compare-paging", format!("{mode} paging: L1 with {params}"));
         let job = l2_vm(
             &lab.cfg,
@@ -163,7 +151,7 @@ pub fn run(lab: &Lab) -> Result<i32> {
             eprintln!("{}", run.logs.describe());
             return Ok(crate::error::code::SCENARIO_FAILED.into());
         };
-        side.l1_cmdline = l1_cmdline;
+        side.l1_cmdline = side_lab.l1_cmdline.clone();
         side.l2_up_s = run.boot.l2_up.map(|d| d.as_secs_f64());
         side.run_dir = run.dir.display().to_string();
         sides.push(side);

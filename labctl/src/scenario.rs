@@ -68,6 +68,22 @@ impl Lab {
         })
     }
 
+    /// The same lab with `extra` appended to L1's kernel command line.
+    pub fn with_l1_cmdline(&self, extra: &str) -> Lab {
+        Lab {
+            lock: self.lock.clone(),
+            cfg: self.cfg.clone(),
+            repo: self.repo.clone(),
+            artifacts: self.artifacts.clone(),
+            l1_cmdline: [self.l1_cmdline.as_str(), extra]
+                .iter()
+                .filter(|s| !s.is_empty())
+                .copied()
+                .collect::<Vec<_>>()
+                .join(" "),
+        }
+    }
+
     /// `labctl build`: the kernel, the selftest, the guest programs and the L1 image.
     pub fn build(&self) -> Result<Prepared> {
         let accel = accel::decide(self.cfg.accel, &HostFacts::probe())?;
