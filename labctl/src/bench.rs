@@ -291,15 +291,12 @@ pub fn exit_cost(lab: &Lab, req: &ExitCostRequest) -> Result<i32> {
             "bench",
             format!("building the patched kernel with lab.config + {BENCH_CONFIG}"),
         );
-        // The series alone against the source alone: the lab's workarounds for the
-        // emulated CPU (kernel/lab-patches) add code to every exit in both kernels, and
-        // that shifts the series' measured cost by an instruction or two either way.
         let dirs = KernelDirs::new(&lab.cfg.build_dir.join("bench/patched"));
         let info = kernel::build(
             &dirs,
             &KernelInputs {
                 source: lab.cfg.kernel_src.as_deref(),
-                patches: kernel::series(&lab.repo.join(kernel::SERIES_DIR))?,
+                patches: kernel::lab_kernel_patches(&lab.repo)?,
                 selftest: true,
                 config_fragment: &fragment,
             },
@@ -325,12 +322,7 @@ pub fn exit_cost(lab: &Lab, req: &ExitCostRequest) -> Result<i32> {
                 &dirs,
                 &KernelInputs {
                     source: lab.cfg.kernel_src.as_deref(),
-                    // With --lab-kernel, the lab's kernel less the series.
-                    patches: if req.lab_kernel {
-                        kernel::baseline_patches(&lab.repo)?
-                    } else {
-                        vec![]
-                    },
+                    patches: kernel::baseline_patches(&lab.repo)?,
                     selftest: false,
                     config_fragment: &fragment,
                 },

@@ -78,8 +78,8 @@ pub struct PatchInfo {
 pub struct KernelInputs<'a> {
     /// Tarball or tree; None: the distribution's linux-source-6.12 tarball.
     pub source: Option<&'a Path>,
-    /// What to apply, in order: [`lab_kernel_patches`] for the lab's kernel, the series
-    /// alone or nothing for the benchmark's kernels.
+    /// What to apply, in order: [`lab_kernel_patches`] for the lab's kernel,
+    /// [`baseline_patches`] for the benchmark's unpatched baseline.
     pub patches: Vec<PathBuf>,
     /// Also build the series' selftest (part of the series; a baseline has none).
     pub selftest: bool,
@@ -89,7 +89,7 @@ pub struct KernelInputs<'a> {
 /// The series under study: `kernel/patches`.
 pub const SERIES_DIR: &str = "kernel/patches";
 /// Workarounds for the emulated CPU the lab runs KVM on, not part of the series:
-/// `kernel/lab-patches`, applied after the series in the lab's kernel.
+/// `kernel/lab-patches`, applied after the series and to the baseline alike.
 pub const LAB_PATCHES_DIR: &str = "kernel/lab-patches";
 
 /// The lab's L1 kernel: the series, then the lab's workarounds.
@@ -99,8 +99,8 @@ pub fn lab_kernel_patches(repo: &Path) -> Result<Vec<PathBuf>> {
     Ok(v)
 }
 
-/// The baseline of `bench exit-cost --lab-kernel`: the lab's workarounds only, so that
-/// the series is the one difference from the lab's kernel.
+/// The benchmark's baseline: the lab's workarounds only, so that the series is the
+/// one difference between the two kernels.
 pub fn baseline_patches(repo: &Path) -> Result<Vec<PathBuf>> {
     series(&repo.join(LAB_PATCHES_DIR))
 }
