@@ -434,16 +434,21 @@ mod tests {
 
     #[test]
     fn lines_print_and_parse_back() {
+        let cpuid = ReasonLine {
+            leaf: LEAF_SDM,
+            reason: 10,
+            name: Some("CPUID".into()),
+            answer: ReasonAnswer::Stats(ExitStats {
+                exits: 1234,
+                cycles: 567_890,
+            }),
+        };
+        assert_eq!(
+            cpuid.to_string(),
+            "CPUID(0x4FFFFFFE), exit reason 10 (CPUID), exits=1234, cycles spent in exit=567890"
+        );
         for line in [
-            ReasonLine {
-                leaf: LEAF_SDM,
-                reason: 10,
-                name: Some("CPUID".into()),
-                answer: ReasonAnswer::Stats(ExitStats {
-                    exits: 1234,
-                    cycles: 567_890,
-                }),
-            },
+            cpuid,
             ReasonLine {
                 leaf: LEAF_SDM,
                 reason: 35,
@@ -463,19 +468,6 @@ mod tests {
             let s = line.to_string();
             assert_eq!(s.parse::<ReasonLine>(), Ok(line), "{s}");
         }
-        assert_eq!(
-            ReasonLine {
-                leaf: LEAF_SDM,
-                reason: 10,
-                name: Some("CPUID".into()),
-                answer: ReasonAnswer::Stats(ExitStats {
-                    exits: 1234,
-                    cycles: 567_890
-                }),
-            }
-            .to_string(),
-            "CPUID(0x4FFFFFFE), exit reason 10 (CPUID), exits=1234, cycles spent in exit=567890"
-        );
         assert!(
             "CPUID(0x4FFFFFFE), exit reason x (CPUID), exits=1, cycles spent in exit=2"
                 .parse::<ReasonLine>()
