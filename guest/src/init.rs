@@ -21,7 +21,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use exitlab_proto::cpio::CpioWriter;
 use exitlab_proto::job::{Job, Level, Step, VmJob, FILES_DIR, JOB_PATH};
-use exitlab_proto::msg::{sample_values, Msg, Status, Stream, SAMPLED_STATS, STAT_EXITS};
+use exitlab_proto::msg::{
+    reason_updates, sample_values, Msg, ReasonTotals, Status, Stream, SAMPLED_STATS, STAT_EXITS,
+};
 use exitlab_proto::vm::{self, Accel, Chardev, VmSpec};
 use nix::mount::{mount, MsFlags};
 use nix::sys::reboot::{reboot, RebootMode};
@@ -334,36 +336,72 @@ fn micros(start: Instant) -> u64 {
 #[derive(Clone)]
 struct Clock {
     start: Instant,
-    /// Taken for each sample; holds the statistics the VM had at its first sample.
-    known: Arc<Mutex<Option<Vec<String>>>>,
+    /// Taken for each sample.
+    state: Arc<Mutex<ClockState>>,
+}
+
+#[derive(Default)]
+struct ClockState {
+    /// The statistics the VM had at its first sample.
+    known: Option<Vec<String>>,
+    /// The per-reason table as of the last sample (each sample carries what changed).
+    reasons: ReasonTotals,
+}
+
+/// One reading: when, the [`SAMPLED_STATS`], and the reasons that changed since the last.
+struct Reading {
+    t_us: u64,
+    stats: BTreeMap<String, u64>,
+    reasons: Vec<[u64; 3]>,
+}
+
+impl Reading {
+    fn msg(self, tag: Option<String>) -> Msg {
+        Msg::Sample {
+            t_us: self.t_us,
+            tag,
+            v: sample_values(&self.stats),
+            r: self.reasons,
+        }
+    }
 }
 
 impl Clock {
     fn new(start: Instant) -> Self {
         Self {
             start,
-            known: Arc::new(Mutex::new(None)),
+            state: Arc::default(),
         }
     }
 
-    /// The time, and the VM's sampled statistics read right after it.
-    fn sample(&self, dir: &Path) -> Result<(u64, BTreeMap<String, u64>), kvmstats::StatsError> {
-        let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+    /// The time, then the VM's sampled statistics (the exit count first), then its
+    /// per-reason table: a per-reason sum is never below the exit count of its sample.
+    fn sample(&self, dir: &Path) -> Result<Reading, kvmstats::StatsError> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let t_us = micros(self.start);
         let stats = kvmstats::read_some(dir, SAMPLED_STATS)?;
+        let reasons = kvmstats::read_reasons(dir);
         // While KVM destroys the VM its files go one by one: a sample that lacks the exit
         // count, or any statistic the VM had before, is of a VM that is going away, not a
         // VM whose counters went back to zero.
         let names: Vec<String> = stats.keys().cloned().collect();
-        let complete = match known.as_ref() {
+        let complete = match state.known.as_ref() {
             Some(first) => first.iter().all(|n| stats.contains_key(n)),
             None => stats.contains_key(STAT_EXITS),
         };
-        if !complete {
+        let reasons_gone = reasons.is_none() && !state.reasons.is_empty();
+        if !complete || reasons_gone {
             return Err(kvmstats::StatsError::VmGone);
         }
-        known.get_or_insert(names);
-        Ok((t_us, stats))
+        state.known.get_or_insert(names);
+        let reasons = reasons.unwrap_or_default();
+        let updates = reason_updates(&state.reasons, &reasons);
+        state.reasons = reasons;
+        Ok(Reading {
+            t_us,
+            stats,
+            reasons: updates,
+        })
     }
 }
 
@@ -480,14 +518,10 @@ fn sample(
         });
         let mut tick = created;
         while !stop.load(Ordering::Relaxed) {
-            let Ok((t_us, stats)) = clock.sample(&dir) else {
+            let Ok(reading) = clock.sample(&dir) else {
                 return; // the VM is gone
             };
-            tx.send(&Msg::Sample {
-                t_us,
-                tag: None,
-                v: sample_values(&stats),
-            });
+            tx.send(&reading.msg(None));
             let now = clock.start.elapsed();
             while tick <= now {
                 tick += interval;
@@ -595,14 +629,10 @@ fn relay_l2(stream: UnixStream, pid: i32, recording: Option<Clock>, tx: &Sender)
         match msg {
             Msg::Checkpoint { tag } => {
                 if let Some(clock) = &recording {
-                    let (t_us, sampled) = kvmstats::debugfs_dir(pid)
+                    let reading = kvmstats::debugfs_dir(pid)
                         .and_then(|dir| clock.sample(&dir))
                         .context("sampling the L2 VM's KVM statistics")?;
-                    tx.send(&Msg::Sample {
-                        t_us,
-                        tag: Some(tag.clone()),
-                        v: sample_values(&sampled),
-                    });
+                    tx.send(&reading.msg(Some(tag.clone())));
                 }
                 let vm = stats.read().context("reading the L2 VM's KVM statistics")?;
                 tx.send(&Msg::KvmStats { tag, vm });
@@ -648,9 +678,29 @@ mod tests {
         for name in SAMPLED_STATS {
             fs::write(dir.join(name), "7\n").unwrap();
         }
+        fs::write(
+            dir.join("exit_reasons"),
+            "code sdm exits cycles\n0x72 10 5 100\n0x7b 30 2 40\n",
+        )
+        .unwrap();
         let clock = Clock::new(Instant::now());
-        let (_, first) = clock.sample(&dir).unwrap();
-        assert_eq!(first.len(), SAMPLED_STATS.len());
+        let first = clock.sample(&dir).unwrap();
+        assert_eq!(first.stats.len(), SAMPLED_STATS.len());
+        assert_eq!(first.reasons, vec![[10, 5, 100], [30, 2, 40]]);
+        // The next sample carries only what changed.
+        fs::write(
+            dir.join("exit_reasons"),
+            "code sdm exits cycles\n0x72 10 6 130\n0x7b 30 2 40\n",
+        )
+        .unwrap();
+        assert_eq!(clock.sample(&dir).unwrap().reasons, vec![[10, 6, 130]]);
+        // The per-reason file going is the VM going.
+        fs::remove_file(dir.join("exit_reasons")).unwrap();
+        assert!(matches!(
+            clock.sample(&dir),
+            Err(kvmstats::StatsError::VmGone)
+        ));
+        fs::write(dir.join("exit_reasons"), "code sdm exits cycles\n").unwrap();
         // KVM removes the VM's files one by one: the exit count is still there, others not.
         fs::remove_file(dir.join(SAMPLED_STATS.last().unwrap())).unwrap();
         assert!(matches!(

@@ -14,7 +14,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use exitlab_proto::msg::{stat_sdm_reason_exits, VcpuStats, VmStats};
+use exitlab_proto::msg::{stat_sdm_reason_exits, ReasonTotals, VcpuStats, VmStats};
 use serde_json::{json, Value};
 
 #[derive(Debug, thiserror::Error)]
@@ -102,19 +102,41 @@ pub fn read_some(dir: &Path, names: &[&str]) -> Result<BTreeMap<String, u64>, St
 /// `exit_reasons` file instead.
 const ARRAY_STATS: [&str; 2] = ["exit_reason_exits", "exit_reason_cycles"];
 
-/// The VM's exits by SDM reason from its `exit_reasons` file (`code sdm exits cycles`
-/// lines, `-` for a slot with no SDM reason), summed over the codes of each reason.
-pub fn sdm_reason_exits(text: &str) -> BTreeMap<String, u64> {
-    let mut out = BTreeMap::new();
+/// The VM's exits and cycles by SDM reason from its `exit_reasons` file (`code sdm exits
+/// cycles` lines, `-` for a slot with no SDM reason), summed over the codes of each reason.
+pub fn sdm_reason_totals(text: &str) -> ReasonTotals {
+    let mut out = ReasonTotals::new();
     for line in text.lines().skip(1) {
         let f: Vec<&str> = line.split_whitespace().collect();
-        if let [_, sdm, exits, _] = f[..] {
-            if let (Ok(sdm), Ok(exits)) = (sdm.parse::<u32>(), exits.parse::<u64>()) {
-                *out.entry(stat_sdm_reason_exits(sdm)).or_insert(0) += exits;
+        if let [_, sdm, exits, cycles] = f[..] {
+            if let (Ok(sdm), Ok(exits), Ok(cycles)) = (
+                sdm.parse::<u32>(),
+                exits.parse::<u64>(),
+                cycles.parse::<u64>(),
+            ) {
+                let c = out.entry(sdm).or_default();
+                c.exits += exits;
+                c.cycles += cycles;
             }
         }
     }
     out
+}
+
+/// [`sdm_reason_totals`]'s exits, under the names [`VmStats::vm`] carries them by.
+pub fn sdm_reason_exits(text: &str) -> BTreeMap<String, u64> {
+    sdm_reason_totals(text)
+        .into_iter()
+        .map(|(r, c)| (stat_sdm_reason_exits(r), c.exits))
+        .collect()
+}
+
+/// The VM's per-reason table from its debugfs directory `dir`; `None` on a kernel without
+/// the `exit_reasons` file (or once the VM is gone).
+pub fn read_reasons(dir: &Path) -> Option<ReasonTotals> {
+    fs::read_to_string(dir.join("exit_reasons"))
+        .ok()
+        .map(|t| sdm_reason_totals(&t))
 }
 
 /// Every numeric file of the VM's debugfs directory: the VM statistics and the vCPU
@@ -260,6 +282,10 @@ mod tests {
         assert_eq!(m.get("exit_reasons_sdm_32"), Some(&3));
         assert_eq!(m.get("exit_reasons_sdm_48"), Some(&7));
         assert_eq!(m.len(), 4, "{m:?}");
+        let t =
+            sdm_reason_totals("code sdm exits cycles\n0x72 10 5 100\n0x4e 10 1 20\n0x401 - 4 4\n");
+        assert_eq!((t[&10].exits, t[&10].cycles), (6, 120));
+        assert_eq!(t.len(), 1);
     }
 
     #[test]

@@ -2,8 +2,9 @@
 //! here, no plotting library) and a PNG of it (rendered by librsvg's `rsvg-convert`).
 //!
 //! Two panels over one time axis: cumulative exits on top, the exit rate of each sampling
-//! interval below; the boot's phases shaded across both and labelled in place with their
-//! exit counts, so the picture reads without a legend.
+//! interval below, stacked by exit reason (the boot's top reasons, the rest as "other";
+//! legend between the panels); the boot's phases shaded across both and labelled in place
+//! with their exit counts.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -14,7 +15,7 @@ use xshell::{cmd, Shell};
 
 use crate::doctor::{self, Need};
 use crate::error::setup;
-use crate::record::{rates, Events, Phase, Recorded};
+use crate::record::{rates, reason_name, Events, Phase, Recorded};
 
 const W: f64 = 1100.0;
 const H: f64 = 720.0;
@@ -25,6 +26,50 @@ const TOP_H: f64 = 300.0;
 const BOT_Y: f64 = 450.0;
 const BOT_H: f64 = 200.0;
 const PHASE_COLORS: [&str; 5] = ["#dfe8f5", "#fbe9c6", "#dcefd8", "#ece2f4", "#f3dada"];
+/// The reasons stacked, in order, then "other".
+const REASON_COLORS: [&str; 7] = [
+    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#9a9a9a",
+];
+
+/// The recording's top reasons by exits (at most six, the rest go to "other").
+fn top_reasons(r: &Recorded) -> Vec<u32> {
+    let Some(last) = r.points.last() else {
+        return vec![];
+    };
+    let mut v: Vec<(u32, u64)> = last.reasons.iter().map(|(k, c)| (*k, c.exits)).collect();
+    v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    v.into_iter()
+        .take(REASON_COLORS.len() - 1)
+        .map(|(k, _)| k)
+        .collect()
+}
+
+/// Per sampling interval (ending at sample i), the exit rate of each top reason and of the
+/// others, in the stacking order.
+fn reason_rates(r: &Recorded, top: &[u32]) -> Vec<Option<Vec<f64>>> {
+    let mut out = vec![None; r.points.len()];
+    for (i, w) in r.points.windows(2).enumerate() {
+        let dt = (w[1].t_us.saturating_sub(w[0].t_us)) as f64 / 1e6;
+        if dt <= 0.0 || w[1].reasons.is_empty() {
+            continue;
+        }
+        let delta = |k: &u32| {
+            let z = w[1].reasons.get(k).map_or(0, |c| c.exits);
+            let a = w[0].reasons.get(k).map_or(0, |c| c.exits);
+            z.saturating_sub(a) as f64 / dt
+        };
+        let mut v: Vec<f64> = top.iter().map(delta).collect();
+        let other: f64 = w[1]
+            .reasons
+            .keys()
+            .filter(|k| !top.contains(k))
+            .map(delta)
+            .sum();
+        v.push(other);
+        out[i + 1] = Some(v);
+    }
+    out
+}
 
 /// 1, 2 or 5 times a power of ten, so that `max` spans about `n` steps.
 pub fn nice_step(max: f64, n: f64) -> f64 {
@@ -193,7 +238,7 @@ pub fn svg(title: &str, r: &Recorded, e: &Events, phases: &[Phase]) -> String {
         r##"<polyline points="{}" fill="none" stroke="#1f4e9a" stroke-width="2.2"/>"##,
         pts.join(" ")
     );
-    // Bottom: rate per sampling interval, as steps.
+    // Bottom: rate per sampling interval, as steps, stacked by reason; the total on top.
     let rs: Vec<(u64, f64)> = r
         .points
         .iter()
@@ -202,6 +247,57 @@ pub fn svg(title: &str, r: &Recorded, e: &Events, phases: &[Phase]) -> String {
         .collect();
     let max_rate = rs.iter().map(|(_, v)| *v).fold(1.0, f64::max);
     let max_rate = y_axis(&mut s, max_rate, BOT_Y, BOT_H, "exits per second");
+    let top = top_reasons(r);
+    if !top.is_empty() {
+        let layers = top.len() + 1;
+        let by_reason = reason_rates(r, &top);
+        // Each layer: its upper edge left to right, then its lower edge back.
+        for layer in 0..layers {
+            let (mut upper, mut lower) = (Vec::new(), Vec::new());
+            let mut prev_t = r.points.first().map_or(0.0, |p| rel(p.t_us));
+            for (p, v) in r.points.iter().zip(&by_reason) {
+                let Some(v) = v else {
+                    prev_t = rel(p.t_us);
+                    continue;
+                };
+                let below: f64 = v[..layer].iter().sum();
+                let (y0, y1) = (
+                    y_of(below.min(max_rate), max_rate, BOT_Y, BOT_H),
+                    y_of((below + v[layer]).min(max_rate), max_rate, BOT_Y, BOT_H),
+                );
+                let (x0, x1) = (ax.x(prev_t), ax.x(rel(p.t_us)));
+                upper.push(format!("{x0:.1},{y1:.1} {x1:.1},{y1:.1}"));
+                lower.push(format!("{x1:.1},{y0:.1} {x0:.1},{y0:.1}"));
+                prev_t = rel(p.t_us);
+            }
+            lower.reverse();
+            let _ = writeln!(
+                s,
+                r##"<polygon points="{} {}" fill="{}" fill-opacity="0.85" stroke="none"/>"##,
+                upper.join(" "),
+                lower.join(" "),
+                REASON_COLORS[layer]
+            );
+        }
+        // The legend, between the panels.
+        let mut x = LEFT;
+        let y = BOT_Y - 26.0;
+        let names = top
+            .iter()
+            .map(|k| reason_name(*k).to_string())
+            .chain(["other".to_string()]);
+        for (i, name) in names.enumerate() {
+            let _ = writeln!(
+                s,
+                r##"<rect x="{x:.1}" y="{:.1}" width="12" height="12" fill="{}"/><text x="{:.1}" y="{y:.1}" font-size="12">{}</text>"##,
+                y - 10.0,
+                REASON_COLORS[i],
+                x + 16.0,
+                esc(&name)
+            );
+            x += 30.0 + 7.5 * name.len() as f64;
+        }
+    }
     let mut steps = Vec::new();
     let mut prev_t = r.points.first().map_or(0.0, |p| rel(p.t_us));
     for (t, v) in &rs {
@@ -212,8 +308,10 @@ pub fn svg(title: &str, r: &Recorded, e: &Events, phases: &[Phase]) -> String {
     }
     let _ = writeln!(
         s,
-        r##"<polyline points="{}" fill="none" stroke="#b3461f" stroke-width="1.4"/>"##,
-        steps.join(" ")
+        r##"<polyline points="{}" fill="none" stroke="{}" stroke-width="{}"/>"##,
+        steps.join(" "),
+        if top.is_empty() { "#b3461f" } else { "#222" },
+        if top.is_empty() { 1.4 } else { 0.8 }
     );
     // Events as vertical lines.
     let events = [

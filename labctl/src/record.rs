@@ -28,7 +28,10 @@ use anyhow::Result;
 use clap::ValueEnum;
 use exitlab_proto::job::{DiskBoot, Job, Level, Recording, Step, VmJob};
 use exitlab_proto::leaf::ExitStats;
-use exitlab_proto::msg::{sample_stats, Msg, Stream, STAT_EXITS, STAT_EXIT_CYCLES};
+use exitlab_proto::msg::{
+    apply_reason_updates, sample_stats, Msg, ReasonTotals, Stream, STAT_EXITS, STAT_EXIT_CYCLES,
+};
+use exitlab_proto::reasons::sdm_name;
 use exitlab_proto::vm::{self, l1};
 use serde::Serialize;
 
@@ -97,17 +100,25 @@ pub fn prepare_out(dir: &Path) -> Result<()> {
 }
 
 /// One reading of the VM's counters.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Point {
     pub t_us: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tag: Option<String>,
     pub stats: BTreeMap<String, u64>,
+    /// The VM's exits and cycles by SDM reason (empty on a kernel without them).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub reasons: ReasonTotals,
 }
 
 impl Point {
     pub fn get(&self, name: &str) -> u64 {
         self.stats.get(name).copied().unwrap_or(0)
+    }
+
+    /// The sum of the per-reason exit counts; `None` without per-reason counters.
+    pub fn reason_exits(&self) -> Option<u64> {
+        (!self.reasons.is_empty()).then(|| self.reasons.values().map(|c| c.exits).sum())
     }
 }
 
@@ -128,20 +139,26 @@ impl Recorded {
     pub fn from_msgs<'a>(msgs: impl IntoIterator<Item = &'a Msg>) -> Self {
         let mut r = Recorded::default();
         let mut stdout = String::new();
+        // Each sample carries the reasons that changed since the one read before it, and
+        // samples from L1's two sampling threads can arrive out of order: the table is
+        // rebuilt in the order of the readings, which is their time order.
+        let mut updates: Vec<(u64, &[[u64; 3]])> = Vec::new();
         for m in msgs {
             match m {
                 Msg::VmCreated { created_us } => r.created_us = Some(*created_us),
                 Msg::VmExited { t_us, .. } => r.exited_us = *t_us,
                 // A sample without the exit count was taken while the VM was being
                 // destroyed (its statistics files go one by one): not a reading.
-                Msg::Sample { t_us, tag, v } => {
+                Msg::Sample { t_us, tag, v, r: u } => {
                     let stats = sample_stats(v);
                     if stats.contains_key(STAT_EXITS) {
                         r.points.push(Point {
                             t_us: *t_us,
                             tag: tag.clone(),
                             stats,
+                            reasons: ReasonTotals::new(),
                         });
+                        updates.push((*t_us, u));
                     }
                 }
                 Msg::Console {
@@ -158,6 +175,12 @@ impl Recorded {
             }
         }
         r.points.sort_by_key(|p| p.t_us);
+        updates.sort_by_key(|(t, _)| *t);
+        let mut table = ReasonTotals::new();
+        for (p, (_, u)) in r.points.iter_mut().zip(updates) {
+            apply_reason_updates(&mut table, u);
+            p.reasons = table.clone();
+        }
         r.reading_line = stdout
             .lines()
             .find(|l| l.parse::<ExitStats>().is_ok())
@@ -231,6 +254,67 @@ pub struct Phase {
     pub peak_exits_per_s: f64,
     /// KVM's per-kind counters over the phase (they overlap; see SAMPLED_STATS).
     pub kinds: BTreeMap<String, u64>,
+    /// The phase's exits by SDM reason, most exits first: they sum to `exits` (but for
+    /// the exits in flight at the phase's two samples).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub reasons: Vec<PhaseReason>,
+}
+
+/// One exit reason's part of a phase.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PhaseReason {
+    pub reason: u32,
+    pub name: &'static str,
+    pub exits: u64,
+    pub cycles: u64,
+    /// Of the phase's exits, in %.
+    pub exits_pct: f64,
+    /// Of the phase's exit cycles, in %.
+    pub cycles_pct: f64,
+}
+
+/// The name of an SDM reason, as the tables print it.
+pub fn reason_name(reason: u32) -> &'static str {
+    sdm_name(reason).unwrap_or("(undefined)")
+}
+
+/// What happened between two samples, by reason, most exits first (reasons with none
+/// left out).
+pub fn reasons_between(a: &Point, z: &Point) -> Vec<PhaseReason> {
+    let pct = |x: u64, of: u64| {
+        if of == 0 {
+            0.0
+        } else {
+            100.0 * x as f64 / of as f64
+        }
+    };
+    let mut v: Vec<(u32, u64, u64)> = z
+        .reasons
+        .iter()
+        .map(|(r, c)| {
+            let before = a.reasons.get(r).copied().unwrap_or_default();
+            (
+                *r,
+                c.exits.saturating_sub(before.exits),
+                c.cycles.saturating_sub(before.cycles),
+            )
+        })
+        .filter(|(_, e, _)| *e > 0)
+        .collect();
+    let (exits, cycles) = v
+        .iter()
+        .fold((0, 0), |(e, c), (_, de, dc)| (e + de, c + dc));
+    v.sort_by(|x, y| y.1.cmp(&x.1).then(x.0.cmp(&y.0)));
+    v.into_iter()
+        .map(|(reason, e, c)| PhaseReason {
+            reason,
+            name: reason_name(reason),
+            exits: e,
+            cycles: c,
+            exits_pct: pct(e, exits),
+            cycles_pct: pct(c, cycles),
+        })
+        .collect()
 }
 
 pub const PHASES: [&str; 5] = ["firmware", "kernel", "userspace", "idle", "shutdown"];
@@ -289,6 +373,7 @@ pub fn phases(r: &Recorded, e: &Events) -> Vec<Phase> {
             exits_per_s: if dur > 0.0 { exits as f64 / dur } else { 0.0 },
             peak_exits_per_s: peak,
             kinds,
+            reasons: reasons_between(a, z),
         });
     }
     out
@@ -420,6 +505,70 @@ pub fn checks(r: &Recorded, e: &Events, interval_ms: u32) -> Vec<Check> {
     c
 }
 
+/// `per-reason-sum`: at every sample the exits by reason add up to the exit count. KVM
+/// counts an exit in its reason right after the hardware VM-exit, before `stat.exits`, and
+/// L1 reads the exit count before the reasons: so each sample's sum is at least its exit
+/// count, and at most the next sample's plus one exit in flight per vCPU.
+pub fn reason_sum_check(r: &Recorded, vcpus: u32) -> Check {
+    let name = "per-reason-sum";
+    if r.points.iter().all(|p| p.reasons.is_empty()) {
+        return Check::new(
+            name,
+            false,
+            "no sample has per-reason counters (the VM's debugfs exit_reasons file): is L1 running the lab's patched KVM?",
+        );
+    }
+    // KVM lists only the reasons that occurred: before the first exit the table is empty.
+    let missing = r
+        .points
+        .iter()
+        .filter(|p| p.reasons.is_empty() && p.get(STAT_EXITS) > 0)
+        .count();
+    let bad: Vec<String> = r
+        .points
+        .iter()
+        .enumerate()
+        .filter_map(|(i, p)| {
+            let sum = p.reason_exits().unwrap_or(0);
+            let lo = p.get(STAT_EXITS);
+            let next = r.points.get(i + 1).map(|n| n.get(STAT_EXITS));
+            let hi = next.map(|n| n + u64::from(vcpus));
+            (sum < lo || hi.is_some_and(|hi| sum > hi)).then(|| {
+                format!(
+                    "at {:.3} s: {sum} by reason, exits {lo}{}",
+                    secs(p.t_us),
+                    next.map_or(String::new(), |n| format!(", next {n}"))
+                )
+            })
+        })
+        .collect();
+    let last = r.points.last();
+    Check::new(
+        name,
+        bad.is_empty() && missing == 0,
+        if missing > 0 {
+            format!(
+                "{missing} of {} samples with exits have no per-reason counters",
+                r.points.len()
+            )
+        } else if !bad.is_empty() {
+            format!(
+                "{} of {} samples off: {}",
+                bad.len(),
+                r.points.len(),
+                bad.iter().take(3).cloned().collect::<Vec<_>>().join("; ")
+            )
+        } else {
+            format!(
+                "{} samples: exits <= sum by reason <= next sample's exits + {vcpus} (in flight); last: {} by reason, {} exits",
+                r.points.len(),
+                last.and_then(Point::reason_exits).unwrap_or(0),
+                last.map_or(0, |p| p.get(STAT_EXITS))
+            )
+        },
+    )
+}
+
 /// The sampler keeps its schedule: the median gap is the interval (within 10 %), and at
 /// least 99 % of gaps are under 1.5 intervals. L1 is itself emulated, so now and then it
 /// misses a tick (a gap of two intervals); those are counted, not failed.
@@ -459,6 +608,8 @@ struct Summary<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
     samples: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sample_bytes: Option<SampleBytes>,
     events_s: BTreeMap<&'static str, f64>,
     totals: Totals,
     phases: &'a [Phase],
@@ -474,10 +625,65 @@ struct Totals {
     exits: u64,
     exit_cycles: u64,
     seconds: f64,
+    /// The whole recording by SDM reason, most exits first.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    reasons: Vec<PhaseReason>,
 }
 
-/// The series as CSV: one row per sample.
+/// What the samples cost the protocol link (L1's ttyS1, shared with the console relay).
+#[derive(Debug, Serialize)]
+pub struct SampleBytes {
+    pub mean: f64,
+    pub max: usize,
+    /// Mean bytes per second over the recording.
+    pub per_s: f64,
+}
+
+/// Bytes per sample message on the link, from the messages as they were sent.
+pub fn sample_bytes(msgs: &[Msg], seconds: f64) -> Option<SampleBytes> {
+    let sizes: Vec<usize> = msgs
+        .iter()
+        .filter(|m| matches!(m, Msg::Sample { .. }))
+        .map(|m| m.to_line().len())
+        .collect();
+    let total: usize = sizes.iter().sum();
+    (!sizes.is_empty()).then(|| SampleBytes {
+        mean: total as f64 / sizes.len() as f64,
+        max: sizes.iter().copied().max().unwrap_or(0),
+        per_s: if seconds > 0.0 {
+            total as f64 / seconds
+        } else {
+            0.0
+        },
+    })
+}
+
+/// A reason's CSV column stem: its SDM name in lower case (`cpuid`, `ept_violation`).
+pub fn reason_column(reason: u32) -> String {
+    match sdm_name(reason) {
+        Some(n) => n.to_lowercase(),
+        None => format!("reason_{reason}"),
+    }
+}
+
+/// The series as CSV: one row per sample; after KVM's per-kind counters, the exits and
+/// the cycles of each reason the recording saw (`<reason>_exits`, `<reason>_cycles`,
+/// cumulative like the other counters).
 pub fn csv(r: &Recorded, e: &Events) -> String {
+    let reasons: Vec<u32> = r
+        .points
+        .iter()
+        .flat_map(|p| p.reasons.keys().copied())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let reason_cols: Vec<String> = reasons
+        .iter()
+        .flat_map(|r| {
+            let c = reason_column(*r);
+            [format!("{c}_exits"), format!("{c}_cycles")]
+        })
+        .collect();
     let kinds: Vec<String> = r
         .points
         .iter()
@@ -497,7 +703,12 @@ pub fn csv(r: &Recorded, e: &Events) -> String {
     };
     let mut out = format!(
         "t_s,phase,tag,exits,exit_cycles,exits_per_s,{}\n",
-        kinds.join(",")
+        kinds
+            .iter()
+            .chain(&reason_cols)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(",")
     );
     for (p, rate) in r.points.iter().zip(rates(r)) {
         let rate = rate.map_or(String::new(), |x| format!("{x:.0}"));
@@ -510,6 +721,10 @@ pub fn csv(r: &Recorded, e: &Events) -> String {
             rate,
         ];
         row.extend(kinds.iter().map(|k| p.get(k).to_string()));
+        for reason in &reasons {
+            let c = p.reasons.get(reason).copied().unwrap_or_default();
+            row.extend([c.exits.to_string(), c.cycles.to_string()]);
+        }
         out.push_str(&row.join(","));
         out.push('\n');
     }
@@ -653,6 +868,7 @@ pub fn record_boot(lab: &Lab, req: &RecordRequest) -> Result<i32> {
         );
         checks.push(run.no_stalls());
     }
+    checks.push(reason_sum_check(&r, lab.cfg.l2_vcpus));
     if let Some(c) = idle_check(&phases, req.idle_s) {
         checks.push(c);
     }
@@ -673,6 +889,10 @@ pub fn record_boot(lab: &Lab, req: &RecordRequest) -> Result<i32> {
     let png = plot::png(&files_out["svg"], &files_out["png"]);
     let complete = error.is_none() && e.boot_done_us.is_some() && e.vm_exited_us.is_some();
     let last = r.points.last();
+    let seconds = match (e.vm_created_us, last) {
+        (Some(c), Some(l)) => secs(l.t_us.saturating_sub(c)),
+        _ => 0.0,
+    };
     let summary = Summary {
         schema: SCHEMA,
         guest: req.guest,
@@ -699,11 +919,10 @@ pub fn record_boot(lab: &Lab, req: &RecordRequest) -> Result<i32> {
         totals: Totals {
             exits: last.map_or(0, |p| p.get(STAT_EXITS)),
             exit_cycles: last.map_or(0, |p| p.get(STAT_EXIT_CYCLES)),
-            seconds: match (e.vm_created_us, last) {
-                (Some(c), Some(l)) => secs(l.t_us.saturating_sub(c)),
-                _ => 0.0,
-            },
+            seconds,
+            reasons: last.map_or(vec![], |z| reasons_between(&Point::default(), z)),
         },
+        sample_bytes: sample_bytes(&msgs, seconds),
         phases: &phases,
         guest_reading: r.reading_line.as_deref().and_then(|l| l.parse().ok()),
         kvm_exit_tracepoint: "not recorded: the lab's L1 kernel is built without tracing (CONFIG_FTRACE), to keep it small and its exit path unchanged; exit kinds come from KVM's own per-kind counters",
@@ -763,6 +982,39 @@ pub fn idle_check(phases: &[Phase], asked_s: u32) -> Option<Check> {
     ))
 }
 
+/// How many reasons the per-phase tables list.
+const TOP_REASONS: usize = 4;
+
+/// Per phase, the top reasons by exits and by cycles, with their shares of the phase.
+fn print_reason_tables(phases: &[Phase], total: &[PhaseReason]) {
+    if total.is_empty() {
+        return;
+    }
+    let top = |rs: &[PhaseReason], by_cycles: bool| {
+        let mut v: Vec<&PhaseReason> = rs.iter().collect();
+        if by_cycles {
+            v.sort_by_key(|r| std::cmp::Reverse(r.cycles));
+        }
+        v.iter()
+            .take(TOP_REASONS)
+            .map(|r| {
+                let pct = if by_cycles { r.cycles_pct } else { r.exits_pct };
+                format!("{} {pct:.1}%", r.name)
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    println!("top {TOP_REASONS} exit reasons of each phase (share of the phase's exits; of its exit cycles):");
+    let rows = phases
+        .iter()
+        .map(|p| (p.name, p.reasons.as_slice()))
+        .chain([("total", total)]);
+    for (name, rs) in rows {
+        println!("{name:<10} by exits:  {}", top(rs, false));
+        println!("{:<10} by cycles: {}", "", top(rs, true));
+    }
+}
+
 fn print_table(
     s: &Summary,
     phases: &[Phase],
@@ -783,6 +1035,13 @@ fn print_table(
         "{:<10} {:>8} {:>8.2} {:>10} {:>14}",
         "total", "", s.totals.seconds, s.totals.exits, s.totals.exit_cycles
     );
+    print_reason_tables(phases, &s.totals.reasons);
+    if let Some(b) = &s.sample_bytes {
+        println!(
+            "samples on L1's protocol link: {:.0} bytes each on average (largest {}), {:.0} bytes/s",
+            b.mean, b.max, b.per_s
+        );
+    }
     if let Some(g) = &s.guest_reading {
         println!("guest at boot done: {g}");
     }
@@ -812,6 +1071,7 @@ mod tests {
             exits_per_s: 0.0,
             peak_exits_per_s: 0.0,
             kinds: BTreeMap::new(),
+            reasons: vec![],
         };
         let ok = |start, end, asked| {
             idle_check(
@@ -840,6 +1100,12 @@ mod tests {
                 ]
                 .into(),
             ),
+            // A quarter CPUID, the rest I/O; every sample carries both (unchanged ones too,
+            // which is harmless).
+            r: vec![
+                [10, exits / 4, exits * 25],
+                [30, exits - exits / 4, exits * 75],
+            ],
         }
     }
 
@@ -905,6 +1171,82 @@ mod tests {
         let r = Recorded::from_msgs(&boot());
         let c = checks(&r, &events(&r), 50);
         assert!(verify::all_ok(&c), "{c:#?}");
+        let c = reason_sum_check(&r, 1);
+        assert!(c.ok, "{c:?}");
+    }
+
+    #[test]
+    fn phases_by_reason_sum_to_the_phase_and_sort_by_exits() {
+        let r = Recorded::from_msgs(&boot());
+        let ph = phases(&r, &events(&r));
+        for p in &ph {
+            let sum: u64 = p.reasons.iter().map(|r| r.exits).sum();
+            assert_eq!(sum, p.exits, "{p:?}");
+        }
+        // kernel: 100 -> 3000 exits: CPUID 25 -> 750, I/O 75 -> 2250.
+        let k = &ph[1].reasons;
+        assert_eq!(
+            (k[0].name, k[0].exits, k[0].cycles),
+            ("IO_INSTRUCTION", 2175, 217_500)
+        );
+        assert_eq!((k[1].name, k[1].exits), ("CPUID", 725));
+        assert!((k[0].exits_pct - 75.0).abs() < 0.1 && (k[1].cycles_pct - 25.0).abs() < 0.1);
+        let csv = csv(&r, &events(&r));
+        let head = csv.lines().next().unwrap();
+        assert!(
+            head.ends_with(",cpuid_exits,cpuid_cycles,io_instruction_exits,io_instruction_cycles"),
+            "{head}"
+        );
+        assert!(
+            csv.lines().nth(2).unwrap().ends_with(",25,2500,75,7500"),
+            "{csv}"
+        );
+    }
+
+    #[test]
+    fn reasons_are_rebuilt_in_time_order_from_what_changed() {
+        let s = |t_ms: u64, exits: u64, r: Vec<[u64; 3]>| Msg::Sample {
+            t_us: t_ms * 1000,
+            tag: None,
+            v: exitlab_proto::msg::sample_values(&[(STAT_EXITS.to_string(), exits)].into()),
+            r,
+        };
+        // The checkpoint thread's sample (read second) arrives before the periodic one.
+        // KVM lists no reason before the VM's first exit.
+        let m = [
+            s(5, 0, vec![]),
+            s(10, 3, vec![[10, 1, 10], [30, 2, 20]]),
+            s(30, 6, vec![[30, 5, 50]]),
+            s(20, 4, vec![[10, 2, 15]]),
+        ];
+        let r = Recorded::from_msgs(&m);
+        let t: Vec<(u64, u64)> = r.points[1..]
+            .iter()
+            .map(|p| (p.reasons[&10].exits, p.reasons[&30].exits))
+            .collect();
+        assert_eq!(t, vec![(1, 2), (2, 2), (2, 5)]);
+        assert!(reason_sum_check(&r, 1).ok);
+        // Exits but no reasons: the per-reason file went missing.
+        let m = [s(10, 3, vec![[10, 1, 10], [30, 2, 20]]), s(20, 4, vec![])];
+        let mut r = Recorded::from_msgs(&m);
+        r.points[1].reasons.clear();
+        let c = reason_sum_check(&r, 1);
+        assert!(
+            !c.ok && c.detail.contains("1 of 2 samples with exits"),
+            "{c:?}"
+        );
+        // A sum below its sample's exit count (an exit counted only in stat.exits) fails.
+        let m = [s(10, 3, vec![[10, 1, 10], [30, 1, 20]]), s(20, 3, vec![])];
+        let c = reason_sum_check(&Recorded::from_msgs(&m), 1);
+        assert!(!c.ok && c.detail.contains("2 by reason, exits 3"), "{c:?}");
+        // Above the next sample's count plus one in flight per vCPU.
+        let m = [s(10, 3, vec![[10, 3, 10], [30, 3, 20]]), s(20, 4, vec![])];
+        assert!(!reason_sum_check(&Recorded::from_msgs(&m), 1).ok);
+        assert!(reason_sum_check(&Recorded::from_msgs(&m), 2).ok);
+        // No per-reason counters at all: not the lab's KVM.
+        let m = [s(10, 3, vec![]), s(20, 4, vec![])];
+        let c = reason_sum_check(&Recorded::from_msgs(&m), 1);
+        assert!(!c.ok && c.detail.contains("patched KVM"), "{c:?}");
     }
 
     #[test]
@@ -945,6 +1287,7 @@ mod tests {
             t_us: 290_000,
             tag: None,
             v: exitlab_proto::msg::sample_values(&[("io_exits".to_string(), 1)].into()),
+            r: vec![],
         });
         let r = Recorded::from_msgs(&m);
         assert_eq!(r.points.last().unwrap().get(STAT_EXITS), 4300);
@@ -987,11 +1330,14 @@ mod tests {
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(
             lines[0],
-            "t_s,phase,tag,exits,exit_cycles,exits_per_s,io_exits"
+            "t_s,phase,tag,exits,exit_cycles,exits_per_s,io_exits,cpuid_exits,cpuid_cycles,io_instruction_exits,io_instruction_cycles"
         );
         assert_eq!(lines.len(), 1 + r.points.len());
-        assert_eq!(lines[1], "0.010000,firmware,,0,0,,0");
-        assert_eq!(lines[3], "0.110000,kernel,,1000,100000,18000,500");
+        assert_eq!(lines[1], "0.010000,firmware,,0,0,,0,0,0,0,0");
+        assert_eq!(
+            lines[3],
+            "0.110000,kernel,,1000,100000,18000,500,250,25000,750,75000"
+        );
         assert!(lines[7].starts_with("0.220000,idle,boot-done,4200,"));
     }
 

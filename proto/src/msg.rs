@@ -131,6 +131,33 @@ pub const SAMPLED_STATS: &[&str] = &[
     "irq_injections",
 ];
 
+/// A VM's exits and cycles by SDM basic exit reason.
+pub type ReasonTotals = BTreeMap<u32, ReasonCount>;
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReasonCount {
+    pub exits: u64,
+    pub cycles: u64,
+}
+
+/// What a sample carries of the per-reason table `now`, read after `before`: the reasons
+/// whose counts changed (or are new), as `[reason, exits, cycles]`.
+pub fn reason_updates(before: &ReasonTotals, now: &ReasonTotals) -> Vec<[u64; 3]> {
+    now.iter()
+        .filter(|(r, c)| before.get(r) != Some(c))
+        .map(|(r, c)| [u64::from(*r), c.exits, c.cycles])
+        .collect()
+}
+
+/// Applies a sample's per-reason updates (see [`Msg::Sample`]) to the table so far.
+pub fn apply_reason_updates(table: &mut ReasonTotals, updates: &[[u64; 3]]) {
+    for &[r, exits, cycles] in updates {
+        if let Ok(r) = u32::try_from(r) {
+            table.insert(r, ReasonCount { exits, cycles });
+        }
+    }
+}
+
 /// A sample's values in [`SAMPLED_STATS`] order, from a map of statistics.
 pub fn sample_values(stats: &BTreeMap<String, u64>) -> Vec<Option<u64>> {
     SAMPLED_STATS
@@ -188,11 +215,18 @@ pub enum Msg {
     /// `v` holds the [`SAMPLED_STATS`] in that order (`null`: this kernel lacks it), not a
     /// map: the protocol port carries about 16 KB/s, and a sample every 20 ms must leave
     /// room for the console lines relayed over the same port.
+    ///
+    /// `r` holds the VM's exits and cycles by SDM exit reason (the patched KVM's
+    /// `exit_reasons` debugfs file summed by reason) as `[reason, exits, cycles]`, only for
+    /// the reasons that changed since the sample read before this one: [`ReasonTotals`]
+    /// rebuilds the whole table from the samples in time order.
     Sample {
         t_us: u64,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         tag: Option<String>,
         v: Vec<Option<u64>>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        r: Vec<[u64; 3]>,
     },
     /// L1 → host, while recording: the VM's statistics appeared (KVM created the VM) at
     /// `created_us` (on the clock of [`Msg::Sample`]).
@@ -258,6 +292,7 @@ mod tests {
                 t_us: 50_000,
                 tag: None,
                 v: sample_values(&[("exits".to_string(), 5)].into()),
+                r: vec![[10, 4, 1000]],
             },
             Msg::KvmStats {
                 tag: "end".into(),
@@ -315,9 +350,35 @@ mod tests {
             t_us: 1,
             tag: None,
             v,
+            r: vec![],
         }
         .to_line();
         assert!(line.len() < 100, "{line}");
+    }
+
+    #[test]
+    fn a_sample_carries_the_reasons_that_changed_and_they_rebuild_the_table() {
+        let c = |exits, cycles| ReasonCount { exits, cycles };
+        let first: ReasonTotals = [(10, c(5, 500)), (30, c(2, 900))].into();
+        let second: ReasonTotals = [(10, c(7, 700)), (30, c(2, 900)), (48, c(1, 50))].into();
+        let u1 = reason_updates(&ReasonTotals::new(), &first);
+        let u2 = reason_updates(&first, &second);
+        assert_eq!(u2, vec![[10, 7, 700], [48, 1, 50]]);
+        let mut table = ReasonTotals::new();
+        apply_reason_updates(&mut table, &u1);
+        assert_eq!(table, first);
+        apply_reason_updates(&mut table, &u2);
+        assert_eq!(table, second);
+        // Nothing changed: nothing sent, and the line stays as short as without reasons.
+        assert!(reason_updates(&second, &second).is_empty());
+        let line = Msg::Sample {
+            t_us: 1,
+            tag: None,
+            v: vec![],
+            r: vec![],
+        }
+        .to_line();
+        assert!(!line.contains("\"r\""), "{line}");
     }
 
     #[test]
