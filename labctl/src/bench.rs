@@ -205,7 +205,7 @@ fn boot_and_measure(
 ) -> Result<Vec<f64>> {
     let mut cfg = lab.cfg.clone();
     cfg.l2_vcpus = vcpus;
-    cfg.l1_vcpus = 1;
+    cfg.l1_vcpus_asked = Some(1);
     let one = lab.with_config(cfg)?;
     let prepared = Prepared {
         kernel: kernel.to_path_buf(),

@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use exitlab_proto::vm::Accel;
 use serde::Deserialize;
 
 use crate::error::setup;
@@ -75,7 +76,8 @@ pub struct LabConfig {
     /// None: the distribution's linux-source-6.12 tarball.
     pub kernel_src: Option<PathBuf>,
     pub build_dir: PathBuf,
-    pub l1_vcpus: u32,
+    /// As asked (`--l1-vcpus`, `l1.vcpus`); `None`: [`LabConfig::l1_vcpus`] decides.
+    pub l1_vcpus_asked: Option<u32>,
     pub l1_memory_mib: u32,
     pub l2_vcpus: u32,
     pub l2_memory_mib: u32,
@@ -101,20 +103,29 @@ impl FileConfig {
     }
 }
 
-fn default_l1_vcpus() -> u32 {
-    std::thread::available_parallelism()
-        .map_or(2, |n| n.get() as u32)
-        .clamp(2, 4)
+/// L1's vCPUs when not asked: one under TCG, where L1's vCPUs running at once (one host
+/// thread each) crash nested guests now and then (README, "The crashes"); under hardware
+/// KVM, up to four.
+pub fn default_l1_vcpus(accel: Accel) -> u32 {
+    match accel {
+        Accel::Kvm => std::thread::available_parallelism()
+            .map_or(2, |n| n.get() as u32)
+            .clamp(2, 4),
+        Accel::Tcg | Accel::TcgIcount => 1,
+    }
 }
 
 impl LabConfig {
+    /// L1's vCPUs on `accel`: as asked, else [`default_l1_vcpus`].
+    pub fn l1_vcpus(&self, accel: Accel) -> u32 {
+        self.l1_vcpus_asked
+            .unwrap_or_else(|| default_l1_vcpus(accel))
+    }
+
     pub fn resolve(file: FileConfig, o: Overrides, repo: &Path) -> anyhow::Result<Self> {
         let l2_vcpus = o.vcpus.or(file.l2.vcpus).unwrap_or(1);
         let l2_memory_mib = o.memory_mib.or(file.l2.memory_mib).unwrap_or(256);
-        let l1_vcpus = o
-            .l1_vcpus
-            .or(file.l1.vcpus)
-            .unwrap_or_else(default_l1_vcpus);
+        let l1_vcpus_asked = o.l1_vcpus.or(file.l1.vcpus);
         let l1_memory_mib = o
             .l1_memory_mib
             .or(file.l1.memory_mib)
@@ -128,7 +139,7 @@ impl LabConfig {
                 .build_dir
                 .or(file.build_dir)
                 .unwrap_or_else(|| repo.join("build")),
-            l1_vcpus,
+            l1_vcpus_asked,
             l1_memory_mib,
             l2_vcpus,
             l2_memory_mib,
@@ -150,12 +161,9 @@ impl LabConfig {
             1,
             MAX_L2_VCPUS,
         )?;
-        check_range(
-            "L1 vCPUs (--l1-vcpus, l1.vcpus)",
-            self.l1_vcpus,
-            1,
-            MAX_L1_VCPUS,
-        )?;
+        if let Some(n) = self.l1_vcpus_asked {
+            check_range("L1 vCPUs (--l1-vcpus, l1.vcpus)", n, 1, MAX_L1_VCPUS)?;
+        }
         check_range(
             "L2 memory in MiB (--memory, l2.memory_mib)",
             self.l2_memory_mib,
@@ -223,6 +231,16 @@ mod tests {
         assert!(c.l1_memory_mib >= 1024);
         assert_eq!(c.build_dir, PathBuf::from("/repo/build"));
         assert_eq!(c.kernel_src, None);
+        // One L1 vCPU under TCG (reliability), more on hardware KVM, as asked if asked.
+        assert_eq!(c.l1_vcpus(Accel::Tcg), 1);
+        assert!(c.l1_vcpus(Accel::Kvm) >= 2);
+        let c = resolve("l1:\n  vcpus: 3\n", Overrides::default()).unwrap();
+        assert_eq!((c.l1_vcpus(Accel::Tcg), c.l1_vcpus(Accel::Kvm)), (3, 3));
+        let o = Overrides {
+            l1_vcpus: Some(0),
+            ..Default::default()
+        };
+        assert!(resolve("", o).is_err());
     }
 
     #[test]

@@ -93,7 +93,8 @@ struct CommonArgs {
     /// Memory of the L2 test VM (MiB, or with M/G).
     #[arg(long, value_name = "SIZE", value_parser = config::parse_memory)]
     memory: Option<u32>,
-    /// vCPUs of L1.
+    /// vCPUs of L1 (default: 1 under TCG, where L1 vCPUs running at once crash nested
+    /// guests now and then, see README "Reliability"; 2-4 on hardware KVM).
     #[arg(long, value_name = "N")]
     l1_vcpus: Option<u32>,
     /// Memory of L1 (MiB, or with M/G).

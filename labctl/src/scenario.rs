@@ -157,7 +157,7 @@ impl Lab {
         let spec = BootSpec {
             qemu: p.qemu.clone(),
             accel: &p.accel,
-            l1_vcpus: self.cfg.l1_vcpus,
+            l1_vcpus: self.cfg.l1_vcpus(p.accel.accel),
             l1_memory_mib: self.cfg.l1_memory_mib,
             kernel: &p.kernel,
             initrd: &initrd,
@@ -222,7 +222,7 @@ impl Lab {
                 reason: p.accel.reason.clone(),
             },
             l1: VmReport {
-                vcpus: self.cfg.l1_vcpus,
+                vcpus: self.cfg.l1_vcpus(p.accel.accel),
                 memory_mib: self.cfg.l1_memory_mib,
                 kernel: run.kernel(Level::L1),
             },

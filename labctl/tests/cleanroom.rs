@@ -38,9 +38,7 @@ fn the_quick_start_passes_on_a_fresh_debian_root() {
             "the clean-room log lacks {expected:?}"
         );
     }
-    // Every check of the lab and of the selftest passed, no-stalls included. (Not a 4-vCPU
-    // stress run: with four L2 vCPUs on L1's two, QEMU's TCG still crashes a VM now and
-    // then; README, Reliability.)
+    // Every check of the lab and of the selftest passed, no-stalls included.
     let checks: Vec<Vec<&str>> = text
         .lines()
         .map(|l| l.split_whitespace().collect::<Vec<_>>())
