@@ -14,7 +14,10 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use exitlab_proto::msg::{stat_sdm_reason_exits, ReasonTotals, VcpuStats, VmStats};
+use exitlab_proto::msg::{
+    stat_sdm_reason_exits, stat_slot_sum, ReasonTotals, VcpuStats, VmStats, STAT_REASON_CYCLES,
+    STAT_REASON_EXITS,
+};
 use serde_json::{json, Value};
 
 #[derive(Debug, thiserror::Error)]
@@ -100,7 +103,7 @@ pub fn read_some(dir: &Path, names: &[&str]) -> Result<BTreeMap<String, u64>, St
 /// Per-reason statistics: arrays, whose generic debugfs file shows only their first
 /// element (slot 0), which would read as a total. The per-reason figures are in the VM's
 /// `exit_reasons` file instead.
-const ARRAY_STATS: [&str; 2] = ["exit_reason_exits", "exit_reason_cycles"];
+const ARRAY_STATS: [&str; 2] = [STAT_REASON_EXITS, STAT_REASON_CYCLES];
 
 /// The VM's exits and cycles by SDM reason from its `exit_reasons` file (`code sdm exits
 /// cycles` lines, `-` for a slot with no SDM reason), summed over the codes of each reason.
@@ -258,6 +261,14 @@ pub fn parse_query_stats(cpus: &Value, stats: &Value) -> Result<Vec<VcpuStats>, 
             let v = match value {
                 Value::Number(n) => n.as_u64(),
                 Value::Bool(b) => Some(u64::from(*b)),
+                // A per-reason array: carried as its sum over the slots.
+                Value::Array(a) if ARRAY_STATS.contains(&name) => {
+                    map.insert(
+                        stat_slot_sum(name),
+                        a.iter().filter_map(Value::as_u64).sum(),
+                    );
+                    None
+                }
                 _ => None,
             };
             if let Some(v) = v {
@@ -297,7 +308,8 @@ mod tests {
         let stats = json!([
             {"provider": "kvm", "qom-path": "/machine/unattached/device[2]",
              "stats": [{"name": "exits", "value": 7}, {"name": "guest_mode", "value": false},
-                       {"name": "halt_poll_hist", "value": [1, 2]}]},
+                       {"name": "halt_poll_hist", "value": [1, 2]},
+                       {"name": "exit_reason_exits", "value": [3, 0, 4]}]},
             {"provider": "kvm", "qom-path": "/machine/unattached/device[0]",
              "stats": [{"name": "exits", "value": 5}, {"name": "exit_cycles", "value": 123456789012u64}]}
         ]);
@@ -308,6 +320,8 @@ mod tests {
         assert_eq!(v[1].stats["exits"], 7);
         assert_eq!(v[1].stats["guest_mode"], 0);
         assert!(!v[1].stats.contains_key("halt_poll_hist"));
+        assert_eq!(v[1].stats["exit_reason_exits_sum"], 7);
+        assert!(!v[1].stats.contains_key("exit_reason_exits"));
     }
 
     #[test]

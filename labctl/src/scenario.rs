@@ -502,6 +502,9 @@ pub fn lab(lab: &Lab) -> Result<i32> {
         stats.get("after-2"),
         stats.get("after-3"),
     ));
+    checks.push(verify::vcpu_reason_sums(
+        &["after-1", "after-2", "after-3"].map(|t| (t, stats.get(t))),
+    ));
     let mut results = lab.results(&p, "lab", &run, checks);
     results.readings = readings;
     results.l2 = Some(lab.l2_report(&run));

@@ -4,7 +4,10 @@
 use std::collections::BTreeMap;
 
 use exitlab_proto::leaf::{ExitStats, SDM_REASON_CPUID};
-use exitlab_proto::msg::{stat_sdm_reason_exits, VmStats, STAT_EXITS, STAT_EXIT_CYCLES};
+use exitlab_proto::msg::{
+    stat_sdm_reason_exits, stat_slot_sum, VmStats, STAT_EXITS, STAT_EXIT_CYCLES,
+    STAT_REASON_CYCLES, STAT_REASON_EXITS,
+};
 use exitlab_proto::reasons::{self, ReasonAnswer, ReasonLine};
 use exitlab_proto::stress::StressReport;
 use serde::Serialize;
@@ -116,6 +119,59 @@ pub fn host_totals(vm: &VmStats) -> Option<HostTotals> {
         exits: vm.total(STAT_EXITS)?,
         cycles: vm.total(STAT_EXIT_CYCLES)?,
     })
+}
+
+/// `per-vcpu-reason-sums`: at each checkpoint (`(tag, stats)`), every vCPU's per-slot
+/// exits add up to its `exits` and its per-slot cycles to its `exit_cycles`, exactly: QEMU
+/// reads a vCPU's binary statistics on that vCPU's thread, between two KVM_RUNs, where no
+/// exit is half-counted (the series' invariant, with accounting on).
+pub fn vcpu_reason_sums(checkpoints: &[(&str, Option<&VmStats>)]) -> Check {
+    let name = "per-vcpu-reason-sums";
+    let (ex, cy) = (
+        stat_slot_sum(STAT_REASON_EXITS),
+        stat_slot_sum(STAT_REASON_CYCLES),
+    );
+    let mut bad = Vec::new();
+    let mut seen = 0;
+    for (tag, stats) in checkpoints {
+        let Some(stats) = stats else {
+            bad.push(format!("{tag}: L1 reported no statistics"));
+            continue;
+        };
+        if stats.vcpus.is_empty() {
+            bad.push(format!("{tag}: no per-vCPU statistics"));
+        }
+        for v in &stats.vcpus {
+            let get = |n: &str| v.stats.get(n).copied();
+            match (get(&ex), get(STAT_EXITS), get(&cy), get(STAT_EXIT_CYCLES)) {
+                (Some(se), Some(e), Some(sc), Some(c)) => {
+                    seen += 1;
+                    if se != e || sc != c {
+                        bad.push(format!(
+                            "{tag} vCPU {}: {se} exits by reason vs {e}, {sc} cycles by reason vs {c}",
+                            v.id
+                        ));
+                    }
+                }
+                _ => bad.push(format!(
+                    "{tag} vCPU {}: no {STAT_REASON_EXITS}/{STAT_REASON_CYCLES} arrays in KVM's binary statistics (is KVM patched?)",
+                    v.id
+                )),
+            }
+        }
+    }
+    Check::new(
+        name,
+        bad.is_empty(),
+        if bad.is_empty() {
+            format!(
+                "{seen} vCPU readings at {}: per-reason exits = exits and per-reason cycles = exit_cycles, exactly",
+                checkpoints.iter().map(|(t, _)| *t).collect::<Vec<_>>().join(", ")
+            )
+        } else {
+            bad.join("; ")
+        },
+    )
 }
 
 /// `a` is at or before `b` on the 2^32 circle (within half of it).
@@ -453,6 +509,7 @@ pub fn stress_checks(
             "L1 did not report the VM's exits and exit_cycles statistics",
         )),
     }
+    c.push(vcpu_reason_sums(&[("before", before), ("after", after)]));
     if let (Some(b), Some(a)) = (before, after) {
         let b: BTreeMap<u32, u64> = b
             .per_vcpu(STAT_EXITS)
@@ -723,6 +780,8 @@ mod tests {
                     stats: [
                         (STAT_EXITS.to_string(), *e),
                         (STAT_EXIT_CYCLES.to_string(), *c),
+                        (stat_slot_sum(STAT_REASON_EXITS), *e),
+                        (stat_slot_sum(STAT_REASON_CYCLES), *c),
                     ]
                     .into(),
                 })
@@ -832,10 +891,30 @@ mod tests {
         }
 
         #[test]
+        fn per_reason_sums_must_match_each_vcpu_exactly() {
+            let (rep, s0, mut s1) = good();
+            s1.vcpus[2]
+                .stats
+                .insert(stat_slot_sum(STAT_REASON_EXITS), 1000 + K + 49);
+            let (c, _) = stress_checks(4, &rep, Some(&s0), Some(&s1));
+            assert_eq!(failed(&c), ["per-vcpu-reason-sums"]);
+            let detail = &c.iter().find(|c| !c.ok).unwrap().detail;
+            assert!(detail.contains("after vCPU 2"), "{detail}");
+            // An unpatched KVM has no arrays: that fails too, and says so.
+            let (rep, mut s0, s1) = good();
+            s0.vcpus[0].stats.remove(&stat_slot_sum(STAT_REASON_CYCLES));
+            let (c, _) = stress_checks(4, &rep, Some(&s0), Some(&s1));
+            assert_eq!(failed(&c), ["per-vcpu-reason-sums"]);
+            assert!(c.iter().any(|c| c.detail.contains("is KVM patched")));
+        }
+
+        #[test]
         fn unpinned_threads_and_idle_vcpus_fail() {
             let (mut rep, s0, mut s1) = good();
             rep.threads[2].cpu_seen = 0;
-            s1.vcpus[3].stats.insert(STAT_EXITS.into(), 1000 + 10);
+            for n in [STAT_EXITS.to_string(), stat_slot_sum(STAT_REASON_EXITS)] {
+                s1.vcpus[3].stats.insert(n, 1000 + 10);
+            }
             let (c, _) = stress_checks(4, &rep, Some(&s0), Some(&s1));
             assert_eq!(failed(&c), ["pinned", "every-vcpu-did-its-share"]);
         }

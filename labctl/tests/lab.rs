@@ -102,6 +102,7 @@ fn lab_prints_growing_readings_that_match_kvm_statistics() {
             "per-reason-sum",
             "per-reason-matches-kvm",
             "per-reason-cpuid",
+            "per-vcpu-reason-sums",
             "no-stalls"
         ]
     );
@@ -615,6 +616,7 @@ fn stress_at_1_and_4_vcpus_is_exact() {
         "cpuid-reason",
         "cycles-grow",
         "matches-kvm-stats",
+        "per-vcpu-reason-sums",
         "every-vcpu-did-its-share",
     ] {
         assert_eq!(

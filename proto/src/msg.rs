@@ -104,6 +104,18 @@ pub const STAT_EXITS: &str = "exits";
 /// Host-side name of the per-vCPU exit-cycles counter (added by kernel/patches).
 pub const STAT_EXIT_CYCLES: &str = "exit_cycles";
 
+/// The per-vCPU arrays of the patched KVM's binary statistics: exits and cycles per slot
+/// (a vendor exit code). Debugfs shows only their first element.
+pub const STAT_REASON_EXITS: &str = "exit_reason_exits";
+pub const STAT_REASON_CYCLES: &str = "exit_reason_cycles";
+
+/// Under what name a vCPU's [`VcpuStats`] carry the sum of a per-slot array: for every
+/// vCPU not in the middle of an exit, the exits' sum is its `exits` and the cycles' its
+/// `exit_cycles` (the series' invariant, with accounting on).
+pub fn stat_slot_sum(array: &str) -> String {
+    format!("{array}_sum")
+}
+
 /// The VM-wide exits of one SDM basic exit reason, as L1 reads them from the VM's debugfs
 /// `exit_reasons` file (the patched KVM's per-reason counters summed over vCPUs and over
 /// the vendor codes of that reason), carried in [`VmStats::vm`] under this name.
