@@ -107,53 +107,85 @@ pub fn table(a: &Side, b: &Side) -> String {
     out
 }
 
+/// What one boot of the comparison gave: its side (if its walk was whole) and the check
+/// of its walk.
+pub struct Boot {
+    pub side: Option<Side>,
+    pub check: Check,
+    /// Where its logs are, printed when it failed.
+    pub logs: String,
+}
+
 /// Boots L2 with nested paging, then with shadow paging; prints and writes the comparison.
-/// A boot that fails keeps what the boots before it gave, and its status is ours.
 pub fn run(lab: &Lab) -> Result<i32> {
     let p = lab.build()?;
+    compare(
+        |mode, params| {
+            let side_lab = lab.with_l1_cmdline(params);
+            crate::progress::note("compare-paging", format!("{mode} paging: L1 with {params}"));
+            let job = l2_vm(
+                &lab.cfg,
+                vec![],
+                vec![Step::Run {
+                    argv: guest_program("test_assignment3"),
+                }],
+            );
+            let run = side_lab.run(&p, "compare-paging", &job, &[], |_| {})?;
+            let prog = run.programs(Level::L2).pop();
+            let side = prog.as_ref().and_then(|p| Side::from_walk(mode, &p.stdout));
+            let ok = run.done_ok(Level::L2) && side.is_some();
+            Ok(Boot {
+                side: side.filter(|_| ok).map(|mut s| {
+                    s.l1_cmdline = side_lab.l1_cmdline.clone();
+                    s.l2_up_s = run.boot.l2_up.map(|d| d.as_secs_f64());
+                    s.run_dir = run.dir.display().to_string();
+                    s
+                }),
+                check: Check::new(
+                    &format!("{mode}-walk"),
+                    ok,
+                    if ok {
+                        format!(
+                            "test_assignment3 walked every SDM reason after the {mode}-paging boot"
+                        )
+                    } else {
+                        format!(
+                            "no complete walk after the {mode}-paging boot: {}; logs in {}",
+                            run.failures().join("; "),
+                            run.dir.display()
+                        )
+                    },
+                ),
+                logs: run.logs.describe(),
+            })
+        },
+        |sides, checks, ok| write(lab, sides, checks, ok),
+    )
+}
+
+/// The comparison, given how to boot one mode and how to write the results. A boot that
+/// fails keeps what the boots before it gave (written, marked not ok), and its status is
+/// the comparison's: its error, or a failed walk's SCENARIO_FAILED.
+pub fn compare(
+    mut boot: impl FnMut(&str, &str) -> Result<Boot>,
+    mut write: impl FnMut(&[Side], &[Check], bool) -> Result<()>,
+) -> Result<i32> {
     let mut sides: Vec<Side> = Vec::new();
     let mut checks: Vec<Check> = Vec::new();
     for (mode, params) in MODES {
-        let side_lab = lab.with_l1_cmdline(params);
-        crate::progress::note("compare-paging", format!("{mode} paging: L1 with {params}"));
-        let job = l2_vm(
-            &lab.cfg,
-            vec![],
-            vec![Step::Run {
-                argv: guest_program("test_assignment3"),
-            }],
-        );
-        let run = match side_lab.run(&p, "compare-paging", &job, &[], |_| {}) {
-            Ok(r) => r,
+        let b = match boot(mode, params) {
+            Ok(b) => b,
             Err(e) => {
-                write(lab, &sides, &checks, false)?;
+                write(&sides, &checks, false)?;
                 return Err(e.context(format!("the {mode}-paging boot failed")));
             }
         };
-        let prog = run.programs(Level::L2).pop();
-        let side = prog.as_ref().and_then(|p| Side::from_walk(mode, &p.stdout));
-        let ok = run.done_ok(Level::L2) && side.is_some();
-        checks.push(Check::new(
-            &format!("{mode}-walk"),
-            ok,
-            if ok {
-                format!("test_assignment3 walked every SDM reason after the {mode}-paging boot")
-            } else {
-                format!(
-                    "no complete walk after the {mode}-paging boot: {}; logs in {}",
-                    run.failures().join("; "),
-                    run.dir.display()
-                )
-            },
-        ));
-        let Some(mut side) = side.filter(|_| ok) else {
-            write(lab, &sides, &checks, false)?;
-            eprintln!("{}", run.logs.describe());
+        checks.push(b.check);
+        let Some(side) = b.side else {
+            write(&sides, &checks, false)?;
+            eprintln!("{}", b.logs);
             return Ok(crate::error::code::SCENARIO_FAILED.into());
         };
-        side.l1_cmdline = side_lab.l1_cmdline.clone();
-        side.l2_up_s = run.boot.l2_up.map(|d| d.as_secs_f64());
-        side.run_dir = run.dir.display().to_string();
         sides.push(side);
     }
     let (a, b) = (&sides[0], &sides[1]);
@@ -172,7 +204,7 @@ pub fn run(lab: &Lab) -> Result<i32> {
     print!("{}", table(a, b));
     crate::verify::print_checks(&checks, 32);
     let ok = checks.iter().all(|c| c.ok);
-    write(lab, &sides, &checks, ok)?;
+    write(&sides, &checks, ok)?;
     Ok(if ok {
         0
     } else {
@@ -208,6 +240,71 @@ mod tests {
         .iter()
         .map(|l| format!("{l}\n"))
         .collect()
+    }
+
+    /// The comparison with fake boots: `second` is what the shadow-paging boot gives.
+    fn compare_with(second: impl Fn() -> Result<Boot>) -> (Result<i32>, Vec<(usize, bool)>) {
+        let mut written = Vec::new();
+        let r = compare(
+            |mode, _| {
+                if mode == "nested" {
+                    Ok(Boot {
+                        side: Side::from_walk(mode, &walk(&[(10, 5), (48, 100)])),
+                        check: Check::new("nested-walk", true, ""),
+                        logs: String::new(),
+                    })
+                } else {
+                    second()
+                }
+            },
+            |sides, _, ok| {
+                written.push((sides.len(), ok));
+                Ok(())
+            },
+        );
+        (r, written)
+    }
+
+    #[test]
+    fn a_second_boot_that_fails_keeps_the_first_and_gives_its_status() {
+        // The shadow boot crashed: the nested side is written, not ok, and the error is
+        // the comparison's (its exit status is the boot's).
+        use crate::error::{code, LabError};
+        let (r, written) = compare_with(|| {
+            Err(LabError::VmCrashed {
+                what: "L2's QEMU exited".into(),
+                logs: String::new(),
+            }
+            .into())
+        });
+        let e = r.unwrap_err();
+        assert!(
+            format!("{e:#}").contains("the shadow-paging boot failed"),
+            "{e:#}"
+        );
+        let status = e.downcast_ref::<LabError>().map(LabError::exit_code);
+        assert_eq!(status, Some(code::VM_CRASHED));
+        assert_eq!(written, [(1, false)]);
+        // It booted but its walk is not whole: the same, with SCENARIO_FAILED.
+        let (r, written) = compare_with(|| {
+            Ok(Boot {
+                side: None,
+                check: Check::new("shadow-walk", false, "no complete walk"),
+                logs: String::new(),
+            })
+        });
+        assert_eq!(r.unwrap(), i32::from(crate::error::code::SCENARIO_FAILED));
+        assert_eq!(written, [(1, false)]);
+        // Both fine: both sides written, ok.
+        let (r, written) = compare_with(|| {
+            Ok(Boot {
+                side: Side::from_walk("shadow", &walk(&[(0, 900), (10, 5)])),
+                check: Check::new("shadow-walk", true, ""),
+                logs: String::new(),
+            })
+        });
+        assert_eq!(r.unwrap(), 0);
+        assert_eq!(written, [(2, true)]);
     }
 
     #[test]
