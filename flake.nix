@@ -56,41 +56,13 @@
         patches = kernelPatches;
         # rsync: `make headers_install` runs it (the selftest needs the UAPI headers).
         nativeBuildInputs = with pkgs; [ bc bison flex perl elfutils openssl python3 rsync ];
-        postPatch = ''
-          patchShebangs scripts tools
-        '';
-        configurePhase = ''
-          runHook preConfigure
-          make O=build tinyconfig
-          scripts/kconfig/merge_config.sh -m -O build build/.config ${./kernel/lab.config}
-          make O=build olddefconfig
-          dropped=0
-          while IFS= read -r opt; do
-            case "$opt" in
-              CONFIG_*=*)
-                if ! grep -qxF "$opt" build/.config; then
-                  echo "kernel/lab.config: $opt did not survive olddefconfig" >&2
-                  dropped=1
-                fi ;;
-            esac
-          done < ${./kernel/lab.config}
-          test "$dropped" = 0
-          runHook postConfigure
-        '';
-        buildPhase = ''
-          runHook preBuild
-          make O=build -j$NIX_BUILD_CORES bzImage
-          make O=build headers_install INSTALL_HDR_PATH=$PWD/build/usr
-          make -C tools/testing/selftests/kvm -j$NIX_BUILD_CORES \
-            OUTPUT=$PWD/build/selftests LINUX_HDR_PATH=$PWD/build/usr/include/ \
-            $PWD/build/selftests/x86_64/exit_stats_test
-          runHook postBuild
-        '';
-        installPhase = ''
-          install -Dm644 build/arch/x86/boot/bzImage $out/bzImage
-          install -Dm755 build/selftests/x86_64/exit_stats_test $out/exit_stats_test
-          install -Dm644 build/.config $out/config
-        '';
+        # The phases are shell files (nix/kernel/), one copy that labctl/tests/flake.rs also
+        # runs with only the programs these inputs provide (nix/debian-inputs.txt).
+        labConfig = ./kernel/lab.config;
+        postPatch = builtins.readFile ./nix/kernel/post-patch.sh;
+        configurePhase = builtins.readFile ./nix/kernel/configure.sh;
+        buildPhase = builtins.readFile ./nix/kernel/build.sh;
+        installPhase = builtins.readFile ./nix/kernel/install.sh;
         meta.description = "Linux ${linux.version} with kernel/patches, configured as the lab's L1/L2 kernel";
       };
 

@@ -191,3 +191,224 @@ fn the_flakes_labctl_command_lines_work() {
     );
     std::fs::remove_dir_all(&tmp).unwrap();
 }
+
+// ---------------------------------------------------------------------------------------
+// The kernel recipe, run the way a Nix sandbox would run it, without Nix.
+// ---------------------------------------------------------------------------------------
+
+/// nixpkgs input -> the Debian packages with the same programs.
+type InputMap = std::collections::BTreeMap<String, Vec<String>>;
+/// (name, program): a program nixpkgs provides under another name too.
+type Aliases = Vec<(String, String)>;
+
+/// nix/debian-inputs.txt: nixpkgs input -> Debian packages, and the aliases.
+fn debian_inputs() -> (InputMap, Aliases) {
+    let text = std::fs::read_to_string(repo().join("nix/debian-inputs.txt")).unwrap();
+    let mut map = std::collections::BTreeMap::new();
+    let mut aliases = Vec::new();
+    for line in text.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let mut w = line.split_whitespace();
+        let key = w.next().unwrap().to_string();
+        let rest: Vec<String> = w.map(String::from).collect();
+        if key == "alias" {
+            for a in rest {
+                let (name, target) = a.split_once('=').expect("alias NAME=PROGRAM");
+                aliases.push((name.to_string(), target.to_string()));
+            }
+        } else {
+            map.insert(key, rest);
+        }
+    }
+    (map, aliases)
+}
+
+/// The kernel derivation's `nativeBuildInputs = with pkgs; [ ... ];`, as written.
+fn kernel_native_inputs() -> Vec<String> {
+    let f = flake();
+    let kernel = &f[f
+        .find("kernel = pkgs.stdenv.mkDerivation")
+        .expect("the kernel derivation")..];
+    let line = kernel
+        .lines()
+        .find(|l| l.trim_start().starts_with("nativeBuildInputs"))
+        .expect("the kernel's nativeBuildInputs");
+    let list = line
+        .split_once('[')
+        .and_then(|(_, r)| r.split_once(']'))
+        .expect("a one-line list")
+        .0;
+    list.split_whitespace().map(String::from).collect()
+}
+
+/// A directory of links to the programs (in /usr/bin, /bin, /usr/sbin, /sbin) that the
+/// packages provide, plus the aliases; nothing else.
+fn path_farm(dir: &Path, packages: &[String], aliases: &[(String, String)]) {
+    std::fs::create_dir_all(dir).unwrap();
+    for p in packages {
+        let out = Command::new("dpkg").args(["-L", p]).output().unwrap();
+        assert!(
+            out.status.success(),
+            "package {p} (nix/debian-inputs.txt) is not installed: run scripts/install-deps"
+        );
+        for file in String::from_utf8_lossy(&out.stdout).lines() {
+            let f = Path::new(file);
+            let bin_dir = f.parent().and_then(Path::to_str);
+            if !matches!(bin_dir, Some("/usr/bin" | "/bin" | "/usr/sbin" | "/sbin")) {
+                continue;
+            }
+            let link = dir.join(f.file_name().unwrap());
+            if f.exists() && !link.exists() {
+                std::os::unix::fs::symlink(f, &link).unwrap();
+            }
+        }
+    }
+    for (name, target) in aliases {
+        let t = dir.join(target);
+        if t.exists() && !dir.join(name).exists() {
+            std::os::unix::fs::symlink(std::fs::read_link(&t).unwrap(), dir.join(name)).unwrap();
+        }
+    }
+}
+
+/// Unpacks the kernel source into `scratch/src` and runs the flake's kernel recipe there
+/// (patches, then nix/kernel/*.sh) with PATH made only of the programs its inputs
+/// provide, minus `without`; no network, no HOME, a clean environment.
+fn run_kernel_recipe(scratch: &Path, without: &[&str]) -> std::process::Output {
+    let _ = std::fs::remove_dir_all(scratch);
+    std::fs::create_dir_all(scratch.join("tmp")).unwrap();
+    let tarball = std::fs::read_dir("/usr/src")
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("linux-source-6.12.tar")
+        })
+        .expect("no /usr/src/linux-source-6.12.tar.*: run scripts/install-deps");
+    let src = scratch.join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    // Unpacking is Nix's job (unpackPhase), done here with the host's tools.
+    let untar = Command::new("tar")
+        .args(["-xf"])
+        .arg(&tarball)
+        .args(["--strip-components=1", "-C"])
+        .arg(&src)
+        .status()
+        .unwrap();
+    assert!(untar.success(), "unpacking {}", tarball.display());
+
+    let (map, aliases) = debian_inputs();
+    let mut packages = map["stdenv"].clone();
+    for input in kernel_native_inputs() {
+        let debs = map.get(&input).unwrap_or_else(|| {
+            panic!("flake.nix's kernel has input {input}, which nix/debian-inputs.txt does not map")
+        });
+        packages.extend(debs.iter().cloned());
+    }
+    packages.retain(|p| !without.contains(&p.as_str()));
+    let farm = scratch.join("bin");
+    path_farm(&farm, &packages, &aliases);
+
+    // The patches in the order the flake lists them: kernel/patches, then kernel/lab-patches.
+    let mut patches = Vec::new();
+    for dir in ["kernel/patches", "kernel/lab-patches"] {
+        let mut p: Vec<PathBuf> = std::fs::read_dir(repo().join(dir))
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "patch"))
+            .collect();
+        p.sort();
+        patches.extend(p);
+    }
+    let phase = |name: &str| repo().join("nix/kernel").join(name);
+    // stdenv's helpers the phases call: hooks (none here) and patchShebangs (Debian's
+    // /usr/bin/env is where the scripts' shebangs look; a Nix sandbox has none).
+    let mut script =
+        String::from("set -euo pipefail\nrunHook() { :; }\npatchShebangs() { :; }\ncd src\n");
+    for p in &patches {
+        script += &format!("patch -p1 --batch < '{}'\n", p.display());
+    }
+    for name in ["post-patch.sh", "configure.sh", "build.sh", "install.sh"] {
+        script += &format!(
+            "echo '[recipe] {name}'\nsource '{}'\n",
+            phase(name).display()
+        );
+    }
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    Command::new("unshare")
+        .args(["--net", "--", "/usr/bin/env", "-i"])
+        .arg(format!("PATH={}", farm.display()))
+        .arg("HOME=/homeless-shelter")
+        .arg(format!("TMPDIR={}", scratch.join("tmp").display()))
+        .arg(format!("NIX_BUILD_CORES={cores}"))
+        .arg(format!("out={}", scratch.join("out").display()))
+        .arg(format!(
+            "labConfig={}",
+            repo().join("kernel/lab.config").display()
+        ))
+        .args(["/bin/bash", "-c", &script])
+        .current_dir(scratch)
+        .output()
+        .expect("running unshare (util-linux) as root")
+}
+
+fn tail(o: &std::process::Output) -> String {
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let lines: Vec<&str> = all.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+#[test]
+fn the_kernel_recipe_builds_with_only_its_declared_inputs() {
+    let scratch = repo().join("build/flake-recipe/kernel");
+    let o = run_kernel_recipe(&scratch, &[]);
+    assert!(
+        o.status.success(),
+        "the kernel recipe failed:\n{}",
+        tail(&o)
+    );
+    let out = scratch.join("out");
+    assert!(std::fs::metadata(out.join("bzImage")).unwrap().len() > 500_000);
+    assert!(
+        std::fs::metadata(out.join("exit_stats_test"))
+            .unwrap()
+            .len()
+            > 10_000
+    );
+    let config = std::fs::read_to_string(out.join("config")).unwrap();
+    for opt in ["CONFIG_KVM_AMD=y", "CONFIG_KVM_INTEL=y"] {
+        assert!(
+            config.lines().any(|l| l == opt),
+            "{opt} not in the recipe's config"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&scratch);
+}
+
+/// The test above would catch an undeclared input: without rsync (the input the flake
+/// lacked before), the same recipe stops at `make headers_install`.
+#[test]
+fn the_kernel_recipe_fails_without_a_declared_input() {
+    let scratch = repo().join("build/flake-recipe/kernel-without-rsync");
+    let o = run_kernel_recipe(&scratch, &["rsync"]);
+    let text = tail(&o);
+    assert!(
+        !o.status.success(),
+        "the recipe built without rsync:\n{text}"
+    );
+    assert!(
+        text.contains("rsync: not found") || text.contains("rsync: command not found"),
+        "{text}"
+    );
+    let _ = std::fs::remove_dir_all(&scratch);
+}

@@ -1,0 +1,1 @@
+patchShebangs scripts tools
