@@ -412,3 +412,89 @@ fn the_kernel_recipe_fails_without_a_declared_input() {
     );
     let _ = std::fs::remove_dir_all(&scratch);
 }
+
+/// `nix-instantiate --eval --strict` of nix/eval-check.nix: the flake's outputs applied to
+/// a nixpkgs stand-in that has only the attributes (and takes only the arguments) the
+/// flake may use.
+fn eval_flake(flake: &Path) -> std::process::Output {
+    Command::new("nix-instantiate")
+        .args([
+            "--eval",
+            "--strict",
+            "--json",
+            "nix/eval-check.nix",
+            "--arg",
+            "flake",
+        ])
+        .arg(flake)
+        .current_dir(repo())
+        .output()
+        .expect("this test needs nix-instantiate: apt-get install -y nix-bin")
+}
+
+#[test]
+fn the_flake_evaluates_against_a_nixpkgs_stand_in() {
+    let o = eval_flake(&repo().join("flake.nix"));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        v["packages"],
+        serde_json::json!(["default", "guest-image", "kernel", "lab-image", "labctl"])
+    );
+    assert_eq!(v["apps"], serde_json::json!(["default", "lab"]));
+    assert_eq!(v["checks"], serde_json::json!(["unit-tests"]));
+    assert!(v["program"]
+        .as_str()
+        .unwrap()
+        .ends_with("/bin/kvm-exit-lab"));
+    // The kernel's phases are the files the recipe test runs, and its inputs the ones it
+    // maps; its patches the series then the lab's, in order.
+    let k = &v["kernel"];
+    for (attr, file) in [
+        ("postPatch", "post-patch.sh"),
+        ("configurePhase", "configure.sh"),
+        ("buildPhase", "build.sh"),
+        ("installPhase", "install.sh"),
+    ] {
+        let text = std::fs::read_to_string(repo().join("nix/kernel").join(file)).unwrap();
+        assert_eq!(k[attr].as_str(), Some(text.as_str()), "{attr}");
+    }
+    let inputs: Vec<String> = serde_json::from_value(k["inputs"].clone()).unwrap();
+    assert_eq!(inputs, kernel_native_inputs());
+    let patches: Vec<String> = serde_json::from_value(k["patches"].clone()).unwrap();
+    let names: Vec<&str> = patches
+        .iter()
+        .map(|p| p.rsplit('/').next().unwrap())
+        .collect();
+    assert!(names.len() >= 8, "{names:?}");
+    assert!(
+        names[0].starts_with("0001-KVM-x86-Don-t-leave"),
+        "{names:?}"
+    );
+    assert!(names[6].starts_with("0001-KVM-SVM"), "{names:?}");
+}
+
+/// The evaluation check catches what parsing does not: an attribute nixpkgs lacks, an
+/// argument a nixpkgs function does not take.
+#[test]
+fn the_evaluation_check_fails_a_misspelled_attribute_or_argument() {
+    let f = flake();
+    for (from, to, says) in [
+        ("pkgs.linux_6_12", "pkgs.linux_6_21", "linux_6_21"),
+        (
+            "        nativeBuildInputs = with pkgs; [ bc",
+            "        nativeBuildInput = with pkgs; [ bc",
+            "nativeBuildInput",
+        ),
+    ] {
+        assert!(f.contains(from), "{from}");
+        // Next to flake.nix, so that its relative paths resolve.
+        let mutant = repo().join(format!("flake-eval-mutant-{}.nix", std::process::id()));
+        std::fs::write(&mutant, f.replacen(from, to, 1)).unwrap();
+        let o = eval_flake(&mutant);
+        let _ = std::fs::remove_file(&mutant);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{to}: evaluated");
+        assert!(err.contains(says), "{to}: {err}");
+    }
+}
