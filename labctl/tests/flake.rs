@@ -100,8 +100,13 @@ fn flake_wires_every_output() {
     }
 }
 
-/// Runs labctl with the flake's arguments, store paths replaced by local artifacts.
-fn run_as_flake(args: &[String], subst: &[(&str, String)]) -> std::process::Output {
+/// Runs labctl with the flake's arguments, store paths replaced by local artifacts; with
+/// `path`, in a clean environment whose PATH is only that directory (as in a Nix build).
+fn run_as_flake(
+    args: &[String],
+    subst: &[(&str, String)],
+    path: Option<&Path>,
+) -> std::process::Output {
     let args: Vec<String> = args
         .iter()
         .filter(|a| a.as_str() != "\"$@\"")
@@ -113,11 +118,14 @@ fn run_as_flake(args: &[String], subst: &[(&str, String)]) -> std::process::Outp
             a
         })
         .collect();
-    let out = Command::new(env!("CARGO_BIN_EXE_labctl"))
-        .args(&args)
-        .current_dir(repo())
-        .output()
-        .unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_labctl"));
+    cmd.args(&args).current_dir(repo());
+    if let Some(dir) = path {
+        cmd.env_clear()
+            .env("PATH", dir)
+            .env("HOME", "/homeless-shelter");
+    }
+    let out = cmd.output().unwrap();
     eprintln!(
         "$ labctl {}\n{}{}",
         args.join(" "),
@@ -171,11 +179,20 @@ fn the_flakes_labctl_command_lines_work() {
             tmp.join("cache").display().to_string(),
         ),
     ];
-    let o = run_as_flake(&image_build, &subst);
+    // The lab image's recipe (runCommand) has labctl, QEMU and glibc's tools, and stdenv.
+    let (map, aliases) = debian_inputs();
+    let mut packages = map["stdenv"].clone();
+    for input in ["qemu", "glibc.bin"] {
+        packages.extend(map[input].iter().cloned());
+    }
+    let farm = tmp.join("lab-image-bin");
+    path_farm(&farm, &packages, &aliases);
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_labctl"), farm.join("labctl")).unwrap();
+    let o = run_as_flake(&image_build, &subst, Some(&farm));
     assert!(o.status.success(), "the flake's lab-image command failed");
     assert!(image_out.join("images/l1-base.cpio").is_file());
 
-    let o = run_as_flake(&lab_app, &subst);
+    let o = run_as_flake(&lab_app, &subst, None);
     assert_eq!(o.status.code(), Some(0), "the flake's lab app failed");
     let out = String::from_utf8_lossy(&o.stdout);
     assert_eq!(
