@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use exitlab_proto::job::Level;
 use exitlab_proto::msg::Msg;
-use exitlab_proto::vm::{kernel_cmdline, Chardev, VmSpec};
+use exitlab_proto::vm::{self, kernel_cmdline, Chardev, VmSpec};
 use xshell::{cmd, Shell};
 
 use crate::accel::AccelDecision;
@@ -32,6 +32,10 @@ pub struct RunLogs {
     pub qemu: PathBuf,
     /// Every protocol message, one JSON object per line.
     pub messages: PathBuf,
+    /// L1's QMP socket (QEMU's monitor), for the state of a VM that hung.
+    pub qmp: PathBuf,
+    /// L1's vCPUs' registers, written when a boot times out.
+    pub l1_registers: PathBuf,
 }
 
 impl RunLogs {
@@ -42,6 +46,8 @@ impl RunLogs {
             l2_console: dir.join("l2-console.log"),
             qemu: dir.join("qemu-l1.log"),
             messages: dir.join("messages.jsonl"),
+            qmp: dir.join("qmp-l1.sock"),
+            l1_registers: dir.join("l1-registers.txt"),
         }
     }
 
@@ -52,8 +58,10 @@ impl RunLogs {
             ("L2 console", &self.l2_console),
             ("QEMU (L1)", &self.qemu),
             ("messages", &self.messages),
+            ("L1 CPUs", &self.l1_registers),
         ]
         .iter()
+        .filter(|(_, p)| *p != &self.l1_registers || p.exists())
         .map(|(what, p)| format!("  {what:<11} {}", p.display()))
         .collect::<Vec<_>>()
         .join("\n")
@@ -106,6 +114,64 @@ fn kill(child: &mut Child) {
     let _ = child.wait();
 }
 
+/// Stops a hung L1 and writes its vCPUs' registers (`info registers -a`) to `out`, through
+/// QEMU's monitor: where L1 was when it stopped answering; with the functions of the RIPs
+/// if the kernel was built here (its `vmlinux` next to `arch/x86/boot/bzImage`). Best
+/// effort: a QEMU too far gone to answer within a few seconds leaves a note instead.
+fn dump_l1_state(qmp: &Path, out: &Path, kernel: &Path) {
+    fn ask(qmp: &Path) -> std::io::Result<String> {
+        let s = std::os::unix::net::UnixStream::connect(qmp)?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut w = s.try_clone()?;
+        let mut r = BufReader::new(s);
+        let mut line = String::new();
+        r.read_line(&mut line)?; // the greeting
+        let mut reply = |cmd: serde_json::Value| -> std::io::Result<serde_json::Value> {
+            writeln!(w, "{cmd}")?;
+            loop {
+                line.clear();
+                if r.read_line(&mut line)? == 0 {
+                    return Err(std::io::ErrorKind::UnexpectedEof.into());
+                }
+                let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+                if v.get("return").is_some() || v.get("error").is_some() {
+                    return Ok(v);
+                }
+            }
+        };
+        reply(serde_json::json!({"execute": "qmp_capabilities"}))?;
+        reply(serde_json::json!({"execute": "stop"}))?;
+        let mut text = String::new();
+        for hmp in ["info registers -a", "x/8i $pc"] {
+            let v = reply(serde_json::json!({
+                "execute": "human-monitor-command",
+                "arguments": {"command-line": hmp}
+            }))?;
+            text += &format!(
+                "(qemu) {hmp}\n{}\n",
+                v["return"].as_str().unwrap_or_default()
+            );
+        }
+        Ok(text)
+    }
+    let mut text = ask(qmp).unwrap_or_else(|e| format!("QEMU's monitor did not answer: {e}\n"));
+    let vmlinux = kernel.ancestors().nth(4).map(|obj| obj.join("vmlinux"));
+    let rips: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("RIP="))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    if let (Some(v), false) = (vmlinux.filter(|v| v.is_file()), rips.is_empty()) {
+        let addrs: Vec<String> = rips.iter().map(|r| format!("0x{r}")).collect();
+        if let Ok(sh) = Shell::new() {
+            if let Ok(f) = cmd!(sh, "addr2line -f -i -e {v} {addrs...}").quiet().read() {
+                text += &format!("RIPs in {}:\n{f}\n", v.display());
+            }
+        }
+    }
+    let _ = fs::write(out, text);
+}
+
 /// Boots L1 with `spec`, calling `on_msg` for every message as it arrives.
 pub fn boot(spec: &BootSpec, logs: &RunLogs, mut on_msg: impl FnMut(&Msg)) -> Result<BootResult> {
     fs::create_dir_all(&logs.dir)?;
@@ -123,7 +189,16 @@ pub fn boot(spec: &BootSpec, logs: &RunLogs, mut on_msg: impl FnMut(&Msg)) -> Re
         append: kernel_cmdline(&spec.cmdline_extra),
         console: Chardev::File(logs.l1_console.display().to_string()),
         proto: Chardev::Stdio,
-        extra: spec.qemu_extra.clone(),
+        extra: [
+            "-qmp".to_string(),
+            format!(
+                "unix:{},server=on,wait=off",
+                vm::esc(&logs.qmp.display().to_string())
+            ),
+        ]
+        .into_iter()
+        .chain(spec.qemu_extra.iter().cloned())
+        .collect(),
     };
     let sh = Shell::new()?;
     let qemu = &spec.qemu;
@@ -225,7 +300,11 @@ pub fn boot(spec: &BootSpec, logs: &RunLogs, mut on_msg: impl FnMut(&Msg)) -> Re
             }
             Ok(Event::Eof) => break,
             Err(mpsc::RecvTimeoutError::Timeout) => {
+                if !l1_done {
+                    dump_l1_state(&logs.qmp, &logs.l1_registers, spec.kernel);
+                }
                 kill(&mut child);
+                let _ = fs::remove_file(&logs.qmp);
                 if l1_done {
                     break;
                 }
@@ -257,6 +336,7 @@ pub fn boot(spec: &BootSpec, logs: &RunLogs, mut on_msg: impl FnMut(&Msg)) -> Re
         thread::sleep(Duration::from_millis(20));
     };
     result.total = start.elapsed();
+    let _ = fs::remove_file(&logs.qmp);
     l2_console.flush()?;
     for (level, log) in [(Level::L1, &logs.l1_console), (Level::L2, &logs.l2_console)] {
         if let Some(line) = find_panic(log) {

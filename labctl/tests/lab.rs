@@ -348,6 +348,14 @@ fn a_hung_boot_times_out_and_names_the_logs() {
         err.contains("l1-console.log") && err.contains("l2-console.log"),
         "{err}"
     );
+    // Where L1 was when it was stopped: every vCPU's registers, from QEMU's monitor.
+    let path = err
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("L1 CPUs"))
+        .map(|p| p.trim().to_string())
+        .unwrap_or_else(|| panic!("no L1 CPUs file named: {err}"));
+    let regs = std::fs::read_to_string(&path).unwrap();
+    assert!(regs.contains("RIP=") && regs.contains("CR3="), "{regs}");
 }
 
 #[test]
