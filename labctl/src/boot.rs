@@ -247,9 +247,10 @@ pub fn boot(spec: &BootSpec, logs: &RunLogs, mut on_msg: impl FnMut(&Msg)) -> Re
     progress::note(
         "boot",
         format!(
-            "starting L1 ({}, {} vCPUs, {} MiB); console: {}",
+            "starting L1 ({}, {} vCPU{}, {} MiB); console: {}",
             spec.accel.accel.name().to_uppercase(),
             spec.l1_vcpus,
+            if spec.l1_vcpus == 1 { "" } else { "s" },
             spec.l1_memory_mib,
             logs.l1_console.display()
         ),
