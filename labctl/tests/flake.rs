@@ -180,11 +180,7 @@ fn the_flakes_labctl_command_lines_work() {
         ),
     ];
     // The lab image's recipe (runCommand) has labctl, QEMU and glibc's tools, and stdenv.
-    let (map, aliases) = debian_inputs();
-    let mut packages = map["stdenv"].clone();
-    for input in ["qemu", "glibc.bin"] {
-        packages.extend(map[input].iter().cloned());
-    }
+    let (packages, aliases) = recipe_packages(&["qemu", "glibc.bin"]);
     let farm = tmp.join("lab-image-bin");
     path_farm(&farm, &packages, &aliases);
     std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_labctl"), farm.join("labctl")).unwrap();
@@ -240,6 +236,20 @@ fn debian_inputs() -> (InputMap, Aliases) {
         }
     }
     (map, aliases)
+}
+
+/// The Debian packages whose programs a recipe with these nixpkgs inputs may run (stdenv's
+/// and the inputs'), and the aliases.
+fn recipe_packages(inputs: &[&str]) -> (Vec<String>, Aliases) {
+    let (map, aliases) = debian_inputs();
+    let mut packages = map["stdenv"].clone();
+    for input in inputs {
+        let debs = map.get(*input).unwrap_or_else(|| {
+            panic!("flake.nix has the input {input}, which nix/debian-inputs.txt does not map")
+        });
+        packages.extend(debs.iter().cloned());
+    }
+    (packages, aliases)
 }
 
 /// The kernel derivation's `nativeBuildInputs = with pkgs; [ ... ];`, as written.
@@ -319,14 +329,9 @@ fn run_kernel_recipe(scratch: &Path, without: &[&str]) -> std::process::Output {
         .unwrap();
     assert!(untar.success(), "unpacking {}", tarball.display());
 
-    let (map, aliases) = debian_inputs();
-    let mut packages = map["stdenv"].clone();
-    for input in kernel_native_inputs() {
-        let debs = map.get(&input).unwrap_or_else(|| {
-            panic!("flake.nix's kernel has input {input}, which nix/debian-inputs.txt does not map")
-        });
-        packages.extend(debs.iter().cloned());
-    }
+    let inputs = kernel_native_inputs();
+    let (mut packages, aliases) =
+        recipe_packages(&inputs.iter().map(String::as_str).collect::<Vec<_>>());
     packages.retain(|p| !without.contains(&p.as_str()));
     let farm = scratch.join("bin");
     path_farm(&farm, &packages, &aliases);
