@@ -15,7 +15,7 @@ use xshell::{cmd, Shell};
 
 use crate::doctor::{self, Need};
 use crate::error::setup;
-use crate::record::{rates, reason_name, Events, Phase, Recorded};
+use crate::record::{rates, reason_name, reasons_between, Events, Phase, Point, Recorded};
 
 const W: f64 = 1100.0;
 const H: f64 = 720.0;
@@ -31,17 +31,16 @@ const REASON_COLORS: [&str; 7] = [
     "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#9a9a9a",
 ];
 
-/// The recording's top reasons by exits (at most six, the rest go to "other").
+/// The recording's top reasons by exits (at most six, the rest go to "other"), ranked as
+/// the summary ranks them.
 fn top_reasons(r: &Recorded) -> Vec<u32> {
-    let Some(last) = r.points.last() else {
-        return vec![];
-    };
-    let mut v: Vec<(u32, u64)> = last.reasons.iter().map(|(k, c)| (*k, c.exits)).collect();
-    v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-    v.into_iter()
-        .take(REASON_COLORS.len() - 1)
-        .map(|(k, _)| k)
-        .collect()
+    r.points.last().map_or(vec![], |last| {
+        reasons_between(&Point::default(), last)
+            .iter()
+            .take(REASON_COLORS.len() - 1)
+            .map(|p| p.reason)
+            .collect()
+    })
 }
 
 /// Per sampling interval (ending at sample i), the exit rate of each top reason and of the
