@@ -376,11 +376,28 @@ impl Clock {
 
     /// The time, then the VM's sampled statistics (the exit count first), then its
     /// per-reason table: a per-reason sum is never below the exit count of its sample.
+    ///
+    /// The files are read one by one, and a sampling thread that is not the real-time
+    /// sampler (a checkpoint's) can be preempted by L2's vCPUs between them: their exits
+    /// would then be in the reasons but not in the exit count (8 of them once, at a phase
+    /// boundary). So the exit count is read again after the reasons and the reading is
+    /// retried while it moved, as a seqlock reader retries; what is left is one exit in
+    /// flight per vCPU (counted by reason, not yet in `exits`).
     fn sample(&self, dir: &Path) -> Result<Reading, kvmstats::StatsError> {
+        const TRIES: usize = 4;
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let t_us = micros(self.start);
-        let stats = kvmstats::read_some(dir, SAMPLED_STATS)?;
-        let reasons = kvmstats::read_reasons(dir);
+        let (mut t_us, mut stats, mut reasons);
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            t_us = micros(self.start);
+            stats = kvmstats::read_some(dir, SAMPLED_STATS)?;
+            reasons = kvmstats::read_reasons(dir);
+            let again = kvmstats::read_some(dir, &[STAT_EXITS])?;
+            if tries == TRIES || again.get(STAT_EXITS) == stats.get(STAT_EXITS) {
+                break;
+            }
+        }
         // While KVM destroys the VM its files go one by one: a sample that lacks the exit
         // count, or any statistic the VM had before, is of a VM that is going away, not a
         // VM whose counters went back to zero.

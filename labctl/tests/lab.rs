@@ -920,12 +920,15 @@ fn record_boot_of_the_minimal_guest_is_a_checked_series() {
     // Each phase's reasons add up to the phase's exits, give the shares, and the busiest
     // phases are what the README says: nested page faults first in the firmware (the
     // loader writing the kernel into fresh memory), port I/O (the console) in the kernel.
+    // A phase is the difference of two samples, each of which may have the one vCPU's
+    // exit in flight (counted by reason, not yet in `exits`): so the two sums are equal
+    // to within one, either way.
     for p in y["phases"].as_sequence().unwrap() {
         let rs = p["reasons"].as_sequence().unwrap();
         let sum: u64 = rs.iter().map(|r| r["exits"].as_u64().unwrap()).sum();
         let e = p["exits"].as_u64().unwrap();
         assert!(
-            sum >= e && sum <= e + 2,
+            sum.abs_diff(e) <= 1,
             "{}: {sum} by reason, {e} exits",
             p["name"].as_str().unwrap()
         );
