@@ -213,6 +213,7 @@ fn boot_and_measure(
         build: p.build.clone(),
         accel: icount(),
         qemu: p.qemu.clone(),
+        l1_cmdline_base: p.l1_cmdline_base.clone(),
     };
     // One discarded run first: the freshly booted VM settles (deferred work, idle vCPUs
     // going tickless) before anything is measured.

@@ -40,6 +40,9 @@ pub struct Prepared {
     pub build: Option<BuildInfo>,
     pub accel: AccelDecision,
     pub qemu: PathBuf,
+    /// L1's command line before the user's `--l1-cmdline`: [`L1_CMDLINE`] for the lab's
+    /// kernel (KVM built in); empty for a distribution kernel whose KVM is a module.
+    pub l1_cmdline_base: String,
 }
 
 /// L1 is the course's host: its KVM answers the exit statistics leaves for every VM
@@ -47,12 +50,13 @@ pub struct Prepared {
 /// per-VM capability. The user's `--l1-cmdline` comes after, so it can turn that off.
 pub const L1_CMDLINE: &str = "kvm.exit_stats_leaves=1";
 
-fn l1_cmdline(user: &str) -> String {
-    if user.is_empty() {
-        L1_CMDLINE.to_string()
-    } else {
-        format!("{L1_CMDLINE} {user}")
-    }
+fn l1_cmdline(base: &str, user: &str) -> String {
+    [base, user]
+        .iter()
+        .filter(|s| !s.is_empty())
+        .copied()
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 impl Lab {
@@ -75,12 +79,7 @@ impl Lab {
             cfg: self.cfg.clone(),
             repo: self.repo.clone(),
             artifacts: self.artifacts.clone(),
-            l1_cmdline: [self.l1_cmdline.as_str(), extra]
-                .iter()
-                .filter(|s| !s.is_empty())
-                .copied()
-                .collect::<Vec<_>>()
-                .join(" "),
+            l1_cmdline: l1_cmdline(&self.l1_cmdline, extra),
         }
     }
 
@@ -125,6 +124,7 @@ impl Lab {
             build,
             accel,
             qemu,
+            l1_cmdline_base: L1_CMDLINE.into(),
         })
     }
 
@@ -163,7 +163,7 @@ impl Lab {
             initrd: &initrd,
             timeout: self.cfg.timeout,
             qemu_extra,
-            cmdline_extra: l1_cmdline(&self.l1_cmdline),
+            cmdline_extra: l1_cmdline(&p.l1_cmdline_base, &self.l1_cmdline),
         };
         let result = boot::boot(&spec, &logs, on_msg);
         // The run's initrd is a copy of the cached image plus the job: not worth keeping.
@@ -435,44 +435,44 @@ pub(crate) fn write_summary(
     Ok(path)
 }
 
-fn write_results(results: &Results, run: &Run) -> Result<PathBuf> {
+pub(crate) fn write_results(results: &Results, run: &Run) -> Result<PathBuf> {
     let path = run.dir.join("results.yaml");
     results.write(&path)?;
     Ok(path)
 }
 
-/// `labctl lab`: `test_assignment2` twice in L2, checked against KVM's statistics.
-pub fn lab(lab: &Lab) -> Result<i32> {
-    let p = lab.build()?;
-    let job = l2_vm(
-        &lab.cfg,
-        vec![],
-        vec![
-            Step::Run {
-                argv: guest_program("test_assignment2"),
-            },
-            Step::Checkpoint {
-                tag: "after-1".into(),
-            },
-            Step::Run {
-                argv: guest_program("test_assignment2"),
-            },
-            Step::Checkpoint {
-                tag: "after-2".into(),
-            },
-            // The per-reason leaves: CPUID's reason alone, then every SDM reason.
-            Step::Run {
-                argv: [guest_program("test_assignment3"), vec!["CPUID".into()]].concat(),
-            },
-            Step::Run {
-                argv: guest_program("test_assignment3"),
-            },
-            Step::Checkpoint {
-                tag: "after-3".into(),
-            },
-        ],
-    );
-    let run = lab.run(&p, "lab", &job, &[], stream_output(Level::L2))?;
+/// The lab's L2 steps: `test_assignment2` twice, then `test_assignment3` for CPUID's
+/// reason and for every SDM reason, with L1's checkpoints between them.
+pub(crate) fn lab_l2_steps() -> Vec<Step> {
+    vec![
+        Step::Run {
+            argv: guest_program("test_assignment2"),
+        },
+        Step::Checkpoint {
+            tag: "after-1".into(),
+        },
+        Step::Run {
+            argv: guest_program("test_assignment2"),
+        },
+        Step::Checkpoint {
+            tag: "after-2".into(),
+        },
+        // The per-reason leaves: CPUID's reason alone, then every SDM reason.
+        Step::Run {
+            argv: [guest_program("test_assignment3"), vec!["CPUID".into()]].concat(),
+        },
+        Step::Run {
+            argv: guest_program("test_assignment3"),
+        },
+        Step::Checkpoint {
+            tag: "after-3".into(),
+        },
+    ]
+}
+
+/// The lab's checks of a run of [`lab_l2_steps`] against KVM's statistics, and the
+/// readings of `test_assignment2`.
+pub(crate) fn lab_l2_checks(run: &Run) -> (Vec<Check>, Vec<ExitStats>) {
     let programs = run.programs(Level::L2);
     let lines: Vec<String> = programs
         .iter()
@@ -481,20 +481,12 @@ pub fn lab(lab: &Lab) -> Result<i32> {
         .collect();
     let readings: Vec<ExitStats> = lines.iter().filter_map(|l| l.parse().ok()).collect();
     let stats = run.stats();
-    let mut checks = vec![Check::new(
-        "ran",
-        run.done_ok(Level::L2) && run.done_ok(Level::L1),
-        match run.failures().as_slice() {
-            [] => "L1 and L2 ran every step".to_string(),
-            f => f.join("; "),
-        },
-    )];
-    checks.extend(verify::lab_checks(
+    let mut checks = verify::lab_checks(
         &lines,
         &readings,
         stats.get("after-1"),
         stats.get("after-2"),
-    ));
+    );
     let out = |i: usize| programs.get(i).map_or("", |p| p.stdout.as_str());
     checks.extend(verify::reason_checks(
         out(2),
@@ -505,6 +497,24 @@ pub fn lab(lab: &Lab) -> Result<i32> {
     checks.push(verify::vcpu_reason_sums(
         &["after-1", "after-2", "after-3"].map(|t| (t, stats.get(t))),
     ));
+    (checks, readings)
+}
+
+/// `labctl lab`: `test_assignment2` twice in L2, checked against KVM's statistics.
+pub fn lab(lab: &Lab) -> Result<i32> {
+    let p = lab.build()?;
+    let job = l2_vm(&lab.cfg, vec![], lab_l2_steps());
+    let run = lab.run(&p, "lab", &job, &[], stream_output(Level::L2))?;
+    let mut checks = vec![Check::new(
+        "ran",
+        run.done_ok(Level::L2) && run.done_ok(Level::L1),
+        match run.failures().as_slice() {
+            [] => "L1 and L2 ran every step".to_string(),
+            f => f.join("; "),
+        },
+    )];
+    let (l2_checks, readings) = lab_l2_checks(&run);
+    checks.extend(l2_checks);
     let mut results = lab.results(&p, "lab", &run, checks);
     results.readings = readings;
     results.l2 = Some(lab.l2_report(&run));
