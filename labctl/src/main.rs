@@ -11,6 +11,7 @@ mod config;
 mod debian;
 mod doctor;
 mod error;
+mod host_recipe;
 mod images;
 mod kernel;
 mod kvm_selftests;
@@ -75,6 +76,10 @@ enum Command {
     /// Boot L2 with L1's KVM using nested paging, then shadow paging (kvm_amd.npt=0,
     /// kvm_intel.ept=0); compare the boots' exits by reason (test_assignment3) side by side.
     ComparePaging(LabArgs),
+    /// The README's recipe for installing the patched KVM on your own host
+    /// (scripts/host-install), run end to end on Debian's own kernel in L1: build the
+    /// modules against it, swap them for Debian's, run the lab's L2 programs, restore.
+    HostRecipe(HostRecipeArgs),
     /// List what the lab needs from this machine, and how to install what is missing.
     Doctor,
     /// Run a scenario N times: each run's outcome, time and stalls, and the failure and
@@ -265,6 +270,17 @@ struct RecordArgs {
 }
 
 #[derive(Args)]
+struct HostRecipeArgs {
+    #[command(flatten)]
+    lab: LabArgs,
+    /// Debian's kernel to run the recipe on: the one of the installed linux-source-6.12's
+    /// version (6.1 needs the series' 6.1 port, which does not exist yet).
+    /// (`--kernel` is the lab's own patched bzImage, which L2 boots here.)
+    #[arg(long, value_enum, default_value = "debian-6.12")]
+    distro: host_recipe::DebianKernel,
+}
+
+#[derive(Args)]
 struct SoakArgs {
     /// How many times to run the scenario.
     #[arg(long, value_name = "N", default_value = "10")]
@@ -421,6 +437,9 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             })
         }
         Command::Lab(a) => scenario::lab(&lab_from(cli.config, cli.repo, a)?),
+        Command::HostRecipe(h) => {
+            host_recipe::run(&lab_from(cli.config, cli.repo, h.lab)?, h.distro)
+        }
         Command::KvmSelftests(k) => {
             check_baseline(k.baseline.as_deref())?;
             let lab = lab_from(cli.config, cli.repo, k.common.into())?;

@@ -1195,3 +1195,67 @@ fn compare_paging_shows_what_shadow_paging_changes() {
     let total = |side: &serde_yaml_ng::Value| side["total_exits"].as_u64().unwrap();
     assert!(total(nested) > 0 && total(shadow) > 0, "{out}");
 }
+
+/// The README's host-install recipe on Debian's own kernel in L1 (`labctl host-recipe`):
+/// built against it, Debian's KVM swapped out for the patched one (refused first while
+/// /dev/kvm is held), the lab's programs checked on it, Debian's KVM restored. Then, on
+/// this host, the built modules are refused before anything is unloaded: they are for
+/// Debian's kernel, not the running one.
+#[test]
+fn host_recipe_runs_the_readmes_recipe_on_debians_kernel() {
+    let _g = lab_lock();
+    let o = boot(&["host-recipe"]);
+    assert_eq!(code(&o), 0, "labctl host-recipe failed");
+    let y = results(&o);
+    let checks = y["checks"].as_sequence().unwrap();
+    let names: Vec<_> = checks.iter().map(|c| c["name"].as_str().unwrap()).collect();
+    for want in [
+        "ran",
+        "debian-kernel",
+        "distribution-kvm",
+        "refuses-while-in-use",
+        "recipe-load",
+        "recipe-restore",
+        "matches-kvm-stats",
+        "per-reason-table",
+        "per-vcpu-reason-sums",
+        "no-stalls",
+    ] {
+        assert!(names.contains(&want), "no check {want}: {names:?}");
+    }
+    assert!(checks.iter().all(|c| c["ok"].as_bool() == Some(true)));
+    let r = readings(&o);
+    assert_eq!(r.len(), 2, "two readings of test_assignment2");
+    assert!(r[1].exits > r[0].exits && r[0].exits > 0, "{r:?}");
+    // L1 ran Debian's kernel, whose release the recipe built for.
+    let l1 = y["l1"]["kernel"].as_str().unwrap();
+    let release = l1.split_whitespace().next().unwrap();
+    assert!(release.ends_with("+deb12-amd64"), "{l1}");
+    assert!(l1.contains("Debian"), "{l1}");
+    let out = stdout(&o);
+    assert!(out.contains("is in use"), "the refusal's message is shown");
+    assert!(out.contains("+ insmod "), "the recipe's steps are shown");
+
+    // The same modules on this host: a kernel of another release is running.
+    let running = Command::new("uname").arg("-r").output().unwrap();
+    let running = String::from_utf8_lossy(&running.stdout).trim().to_string();
+    assert_ne!(
+        running, release,
+        "this host runs Debian's {release} itself: the mismatch cannot be shown here (and `load` would swap this host's KVM)"
+    );
+    let work = repo().join("build/host-recipe").join(release).join("work");
+    let l = Command::new("sh")
+        .arg(repo().join("scripts/host-install"))
+        .args(["load", "--vendor", "amd", "--dir"])
+        .arg(&work)
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&l.stderr);
+    assert_eq!(l.status.code(), Some(1), "{e}");
+    assert!(
+        e.contains(&format!(
+            "was built for the kernel {release}, but {running} is running"
+        )) && e.contains("Nothing was unloaded"),
+        "{e}"
+    );
+}
