@@ -524,14 +524,7 @@ pub fn run(lab: &Lab, kernel: DebianKernel) -> Result<i32> {
         l1_out(m);
         l2_out(m);
     })?;
-    let mut checks = vec![Check::new(
-        "ran",
-        run.done_ok(Level::L2) && run.done_ok(Level::L1),
-        match run.failures().as_slice() {
-            [] => "L1 and L2 ran every step".to_string(),
-            f => f.join("; "),
-        },
-    )];
+    let mut checks = vec![run.ran_check()];
     checks.extend(recipe_checks(
         &run.programs(Level::L1),
         &pair.release,

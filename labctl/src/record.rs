@@ -855,17 +855,7 @@ pub fn record_boot(lab: &Lab, req: &RecordRequest) -> Result<i32> {
     let phases = phases(&r, &e);
     let mut checks = checks(&r, &e, req.interval_ms);
     if let Some(run) = &run {
-        checks.insert(
-            0,
-            Check::new(
-                "ran",
-                run.done_ok(Level::L2) && run.done_ok(Level::L1),
-                match run.failures().as_slice() {
-                    [] => "L1 and L2 ran to the end".to_string(),
-                    f => f.join("; "),
-                },
-            ),
-        );
+        checks.insert(0, run.ran_check());
         checks.push(run.no_stalls());
     }
     checks.push(reason_sum_check(&r, lab.cfg.l2_vcpus));

@@ -330,6 +330,18 @@ impl Run {
         verify::no_stalls(&[("L1", &self.logs.l1_console), ("L2", &self.logs.l2_console)])
     }
 
+    /// `ran`: L1 and L2 both reported done, without a failed step.
+    pub fn ran_check(&self) -> Check {
+        Check::new(
+            "ran",
+            self.done_ok(Level::L2) && self.done_ok(Level::L1),
+            match self.failures().as_slice() {
+                [] => "L1 and L2 ran every step".to_string(),
+                f => f.join("; "),
+            },
+        )
+    }
+
     pub fn done_ok(&self, level: Level) -> bool {
         self.boot
             .msgs
@@ -505,14 +517,7 @@ pub fn lab(lab: &Lab) -> Result<i32> {
     let p = lab.build()?;
     let job = l2_vm(&lab.cfg, vec![], lab_l2_steps());
     let run = lab.run(&p, "lab", &job, &[], stream_output(Level::L2))?;
-    let mut checks = vec![Check::new(
-        "ran",
-        run.done_ok(Level::L2) && run.done_ok(Level::L1),
-        match run.failures().as_slice() {
-            [] => "L1 and L2 ran every step".to_string(),
-            f => f.join("; "),
-        },
-    )];
+    let mut checks = vec![run.ran_check()];
     let (l2_checks, readings) = lab_l2_checks(&run);
     checks.extend(l2_checks);
     let mut results = lab.results(&p, "lab", &run, checks);
