@@ -57,6 +57,70 @@ impl KernelDirs {
     fn source_id(&self) -> PathBuf {
         self.root.join("source-id")
     }
+    /// Written after a complete build: what it was built from (see [`up_to_date`]).
+    fn built_stamp(&self) -> PathBuf {
+        self.root.join("built-from")
+    }
+}
+
+/// What a build's outputs depend on besides the tree's files: the source, the series,
+/// the configuration fragment, whether the selftest is built, and labctl's own recipe.
+fn build_fingerprint(
+    source_id: &str,
+    patches: &[PathBuf],
+    fragment: &Path,
+    selftest: bool,
+) -> Result<String> {
+    let mut h = Sha256::new();
+    h.update(format!(
+        "recipe 1 {}\nsource {source_id}\nselftest {selftest}\n",
+        env!("CARGO_PKG_VERSION")
+    ));
+    for (name, text) in read_series(patches)? {
+        h.update(format!("patch {name} {}\n", text.len()));
+        h.update(text.as_bytes());
+    }
+    h.update(fs::read(fragment).with_context(|| format!("reading {}", fragment.display()))?);
+    Ok(format!("{:x}", h.finalize()))
+}
+
+/// Whether the last complete build is of exactly these inputs and no file of the tree
+/// changed since (an edit made by hand in build/kernel/src counts): then `make`, which
+/// takes seconds to find nothing to do on this tree, is not run at all.
+fn up_to_date(dirs: &KernelDirs, fingerprint: &str, selftest: bool) -> bool {
+    let stamp = dirs.built_stamp();
+    let Ok(built) = fs::read_to_string(&stamp) else {
+        return false;
+    };
+    let Some(since) = fs::metadata(&stamp).and_then(|m| m.modified()).ok() else {
+        return false;
+    };
+    built == fingerprint
+        && dirs.bzimage().is_file()
+        && (!selftest || dirs.selftest().is_file())
+        && !changed_since(&dirs.src(), since)
+}
+
+/// Whether any regular file under `dir` was modified after `since` (or cannot be read).
+fn changed_since(dir: &Path, since: std::time::SystemTime) -> bool {
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = fs::read_dir(&d) else {
+            return true;
+        };
+        for e in entries.flatten() {
+            let Ok(t) = e.file_type() else { return true };
+            if t.is_dir() {
+                stack.push(e.path());
+            } else if t.is_file() {
+                match e.metadata().and_then(|m| m.modified()) {
+                    Ok(m) if m <= since => {}
+                    _ => return true,
+                }
+            }
+        }
+    }
+    false
 }
 
 /// What was built, from what: written next to the artifacts and into every run's results.
@@ -164,9 +228,22 @@ pub fn build(dirs: &KernelDirs, inputs: &KernelInputs) -> Result<BuildInfo> {
     let patches = &inputs.patches;
     sync_patches(dirs, patches)?;
     configure(dirs, inputs.config_fragment)?;
-    make_bzimage(dirs)?;
-    if inputs.selftest {
-        build_selftest(dirs)?;
+    let fingerprint = build_fingerprint(
+        &source_identity(&source)?,
+        patches,
+        inputs.config_fragment,
+        inputs.selftest,
+    )?;
+    if up_to_date(dirs, &fingerprint, inputs.selftest) {
+        progress::note("kernel", "up to date: nothing changed since the last build");
+    } else {
+        // Gone while make runs: an interrupted build is never taken for a complete one.
+        let _ = fs::remove_file(dirs.built_stamp());
+        make_bzimage(dirs)?;
+        if inputs.selftest {
+            build_selftest(dirs)?;
+        }
+        fs::write(dirs.built_stamp(), &fingerprint)?;
     }
     let info = BuildInfo {
         source: source.display().to_string(),
@@ -745,6 +822,52 @@ pub fn quality_gate(dirs: &KernelDirs, patches: &[PathBuf]) -> Result<Vec<GateRe
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_build_is_up_to_date_only_for_the_same_inputs_and_an_untouched_tree() {
+        let root = std::env::temp_dir().join(format!("utd-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        let dirs = KernelDirs { root: root.clone() };
+        fs::create_dir_all(dirs.src().join("arch/x86/kvm")).unwrap();
+        fs::write(dirs.src().join("arch/x86/kvm/x86.c"), "int x;").unwrap();
+        let patch = root.join("0001.patch");
+        fs::write(&patch, "--- a/x\n+++ b/x\n").unwrap();
+        let frag = root.join("lab.config");
+        fs::write(&frag, "CONFIG_KVM=y\n").unwrap();
+        let fp = |sel| {
+            build_fingerprint("tarball t 1 2", std::slice::from_ref(&patch), &frag, sel).unwrap()
+        };
+        let f = fp(true);
+        assert_ne!(f, fp(false));
+        // Never built: not up to date.
+        assert!(!up_to_date(&dirs, &f, true));
+        fs::create_dir_all(dirs.bzimage().parent().unwrap()).unwrap();
+        fs::write(dirs.bzimage(), "bz").unwrap();
+        fs::create_dir_all(dirs.selftest().parent().unwrap()).unwrap();
+        fs::write(dirs.selftest(), "st").unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        fs::write(dirs.built_stamp(), &f).unwrap();
+        assert!(up_to_date(&dirs, &f, true));
+        // Another series, fragment or source: rebuild.
+        fs::write(&patch, "--- a/y\n+++ b/y\n").unwrap();
+        assert!(!up_to_date(&dirs, &fp(true), true));
+        assert_ne!(
+            build_fingerprint("tarball t 1 3", std::slice::from_ref(&patch), &frag, true).unwrap(),
+            fp(true)
+        );
+        // A file of the tree edited by hand after the build: rebuild.
+        let f = fp(true);
+        fs::write(dirs.built_stamp(), &f).unwrap();
+        assert!(up_to_date(&dirs, &f, true));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        fs::write(dirs.src().join("arch/x86/kvm/x86.c"), "int y;").unwrap();
+        assert!(!up_to_date(&dirs, &f, true));
+        // An output gone: rebuild.
+        fs::write(dirs.built_stamp(), &f).unwrap();
+        fs::remove_file(dirs.selftest()).unwrap();
+        assert!(!up_to_date(&dirs, &f, true));
+        fs::remove_dir_all(root).unwrap();
+    }
 
     #[test]
     fn version_must_be_6_12() {
