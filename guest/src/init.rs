@@ -24,7 +24,7 @@ use exitlab_proto::job::{Job, Level, Step, VmJob, FILES_DIR, JOB_PATH};
 use exitlab_proto::msg::{
     reason_updates, sample_values, Msg, ReasonTotals, Status, Stream, SAMPLED_STATS, STAT_EXITS,
 };
-use exitlab_proto::vm::{self, Accel, Chardev, VmSpec};
+use exitlab_proto::vm::{self, Accel, Chardev, Ports, VmSpec};
 use nix::mount::{mount, MsFlags};
 use nix::sys::reboot::{reboot, RebootMode};
 
@@ -52,7 +52,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
 pub fn main() -> ! {
     let level = level_from_cmdline();
     let result = mount_pseudo_filesystems()
-        .and_then(|()| port::open_tty(vm::PROTO_TTY))
+        .and_then(|()| port::open_tty(&proto_port()?))
         .and_then(|(tty, reader)| Ok((tty.try_clone()?, tty, reader)));
     match result {
         Ok((writer, tty, reader)) => {
@@ -75,6 +75,24 @@ pub fn main() -> ! {
     let _ = reboot(RebootMode::RB_AUTOBOOT);
     // Not reached; if it were, returning from PID 1 panics the kernel, which the host sees.
     std::process::exit(1)
+}
+
+/// The protocol port: [`vm::PROTO_TTY`], or the device the command line names
+/// ([`vm::PROTO_ENV`]), which a virtio console gets once the host has added the port:
+/// possibly after init started, so it is waited for.
+fn proto_port() -> Result<String> {
+    let Ok(name) = std::env::var(vm::PROTO_ENV) else {
+        return Ok(vm::PROTO_TTY.to_string());
+    };
+    let path = format!("/dev/{name}");
+    let start = Instant::now();
+    while !Path::new(&path).exists() {
+        if start.elapsed() > Duration::from_secs(30) {
+            bail!("the protocol port {path} did not appear in 30 s");
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+    Ok(path)
 }
 
 fn level_from_cmdline() -> Level {
@@ -275,6 +293,14 @@ fn write_l2_initrd(vm: &VmJob) -> Result<()> {
 /// The QEMU command line for L2: the lab's image, or a guest's own kernel and disk.
 fn l2_spec(vm: &VmJob) -> Result<VmSpec> {
     let files = Path::new("/").join(FILES_DIR);
+    // The lab's own L2 talks over virtio consoles, where a line is one exit, not one
+    // per byte; a recorded boot keeps the UARTs, whose console shows the kernel's first
+    // line (a phase boundary), as a user's guest has (and the Debian guest needs them).
+    let ports = if vm.disk_boot.is_none() && vm.record.is_none() {
+        Ports::Virtio
+    } else {
+        Ports::Serial
+    };
     let (cpu, kernel, initrd, append, mut extra) = match &vm.disk_boot {
         None => {
             write_l2_initrd(vm)?;
@@ -282,7 +308,7 @@ fn l2_spec(vm: &VmJob) -> Result<VmSpec> {
                 L2_CPU,
                 vm::l1::KERNEL.to_string(),
                 L2_INITRD.to_string(),
-                vm::kernel_cmdline(&format!("EXITLAB_LEVEL=l2 {}", vm.kernel_args)),
+                vm::kernel_cmdline_for(ports, &format!("EXITLAB_LEVEL=l2 {}", vm.kernel_args)),
                 vec![],
             )
         }
@@ -321,6 +347,7 @@ fn l2_spec(vm: &VmJob) -> Result<VmSpec> {
         append,
         console: Chardev::Stdio,
         proto: Chardev::Socket(L2_SOCKET.into()),
+        ports,
         extra,
     })
 }

@@ -189,6 +189,8 @@ pub fn boot(spec: &BootSpec, logs: &RunLogs, mut on_msg: impl FnMut(&Msg)) -> Re
         append: kernel_cmdline(&spec.cmdline_extra),
         console: Chardev::File(logs.l1_console.display().to_string()),
         proto: Chardev::Stdio,
+        // L1 runs under TCG or on hardware: its port I/O costs little.
+        ports: vm::Ports::Serial,
         extra: [
             "-qmp".to_string(),
             format!(

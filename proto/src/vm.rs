@@ -19,6 +19,33 @@ pub const FIRMWARE: &[&str] = &["bios-256k.bin", "linuxboot_dma.bin", "kvmvapic.
 
 /// The protocol serial port inside a VM.
 pub const PROTO_TTY: &str = "/dev/ttyS1";
+/// The kernel command line's `KEY=value` that names the protocol port's device (under
+/// /dev) when it is not [`PROTO_TTY`]; the kernel hands it to init as an environment
+/// variable.
+pub const PROTO_ENV: &str = "EXITLAB_PROTO";
+
+/// How a VM's console and protocol port reach QEMU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ports {
+    /// COM1 and COM2 (16550 UARTs): every byte is a port I/O exit, and a console that
+    /// works from the kernel's first line (record-boot's phases are console lines).
+    Serial,
+    /// Two virtio consoles (`hvc0`, `hvc1`): a write is one
+    /// virtqueue notification, not one exit per byte. Nested under TCG that is the
+    /// difference between seconds and milliseconds for a boot log or a program's output.
+    /// The kernel's early lines reach the console when virtio-console registers.
+    Virtio,
+}
+
+impl Ports {
+    /// The kernel's `console=` and, for virtio, where init finds the protocol port.
+    pub fn cmdline(&self) -> &'static str {
+        match self {
+            Ports::Serial => "console=ttyS0",
+            Ports::Virtio => "console=hvc0 EXITLAB_PROTO=hvc1",
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Accel {
@@ -66,6 +93,7 @@ pub struct VmSpec {
     pub append: String,
     pub console: Chardev,
     pub proto: Chardev,
+    pub ports: Ports,
     /// Anything else, e.g. `-icount`.
     pub extra: Vec<String>,
 }
@@ -82,23 +110,23 @@ impl Chardev {
             Chardev::File(p) => format!("file,id={id},path={}", esc(p)),
             Chardev::Socket(p) => format!("socket,id={id},path={}", esc(p)),
         };
-        vec![
-            "-chardev".into(),
-            backend,
-            "-serial".into(),
-            format!("chardev:{id}"),
-        ]
+        vec!["-chardev".into(), backend]
     }
 }
 
-/// Kernel command line of every lab VM, before level-specific additions.
+/// Kernel command line of every lab VM on serial ports, before level-specific additions.
 ///
 /// `panic=-1` reboots at once on a panic, and `-no-reboot` turns that into QEMU exiting,
 /// so a panicking guest never hangs the lab.
 pub fn kernel_cmdline(extra: &str) -> String {
-    let base = "console=ttyS0 panic=-1 oops=panic rdinit=/init";
+    kernel_cmdline_for(Ports::Serial, extra)
+}
+
+/// [`kernel_cmdline`] for a VM whose console and protocol port are `ports`.
+pub fn kernel_cmdline_for(ports: Ports, extra: &str) -> String {
+    let base = format!("{} panic=-1 oops=panic rdinit=/init", ports.cmdline());
     if extra.is_empty() {
-        base.to_string()
+        base
     } else {
         format!("{base} {extra}")
     }
@@ -141,6 +169,28 @@ impl VmSpec {
         ]);
         a.extend(self.console.args("console"));
         a.extend(self.proto.args("proto"));
+        match self.ports {
+            Ports::Serial => a.extend([
+                "-serial".into(),
+                "chardev:console".into(),
+                "-serial".into(),
+                "chardev:proto".into(),
+            ]),
+            // One single-port device each: without multiport the guest adds the port
+            // when it probes the device, before init runs (a multiport device's ports
+            // come later, from its control queue, and init would find no /dev/console).
+            // Probed in PCI order, they are hvc0 and hvc1.
+            Ports::Virtio => {
+                for (i, id) in ["console", "proto"].iter().enumerate() {
+                    a.extend([
+                        "-device".into(),
+                        format!("virtio-serial-pci,id=vser{i},max_ports=1,ioeventfd=off"),
+                        "-device".into(),
+                        format!("virtconsole,bus=vser{i}.0,chardev={id}"),
+                    ]);
+                }
+            }
+        }
         a.extend(self.extra.iter().cloned());
         a
     }
@@ -164,6 +214,7 @@ mod tests {
             append: kernel_cmdline(""),
             console: Chardev::Stdio,
             proto: Chardev::Socket("/run/a,b.sock".into()),
+            ports: Ports::Serial,
             extra: vec![],
         };
         let a = spec.args();
@@ -178,6 +229,44 @@ mod tests {
         assert!(a.windows(2).any(|w| w == ["-smp", "4"]));
         assert!(a.windows(2).any(|w| w == ["-m", "256M"]));
         assert!(a.contains(&"-no-reboot".to_string()));
+    }
+
+    #[test]
+    fn virtio_ports_are_two_consoles_on_one_device() {
+        let spec = VmSpec {
+            qemu: "qemu".into(),
+            firmware_dir: None,
+            accel: Accel::Kvm,
+            cpu: "host".into(),
+            vcpus: 1,
+            memory_mib: 256,
+            kernel: "/boot/bzImage".into(),
+            initrd: "/tmp/l2.cpio".into(),
+            append: kernel_cmdline_for(Ports::Virtio, "x=1"),
+            console: Chardev::Stdio,
+            proto: Chardev::Socket("/run/p.sock".into()),
+            ports: Ports::Virtio,
+            extra: vec![],
+        };
+        let a = spec.args();
+        assert!(!a.contains(&"-serial".to_string()));
+        let devices: Vec<_> = a
+            .windows(2)
+            .filter(|w| w[0] == "-device")
+            .map(|w| w[1].as_str())
+            .collect();
+        assert_eq!(
+            devices,
+            [
+                "virtio-serial-pci,id=vser0,max_ports=1,ioeventfd=off",
+                "virtconsole,bus=vser0.0,chardev=console",
+                "virtio-serial-pci,id=vser1,max_ports=1,ioeventfd=off",
+                "virtconsole,bus=vser1.0,chardev=proto"
+            ]
+        );
+        assert!(spec.append.starts_with("console=hvc0 EXITLAB_PROTO=hvc1 "));
+        assert!(!spec.append.contains("ttyS0"));
+        assert!(kernel_cmdline("").starts_with("console=ttyS0 "));
     }
 
     #[test]
