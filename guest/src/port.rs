@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
 use exitlab_proto::msg::Msg;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::termios::{self, SetArg};
 
 /// A cloneable sender of messages; every message is one `write` of one line, so messages
@@ -33,16 +34,19 @@ impl Sender {
     }
 }
 
-/// Opens the serial port in raw mode (no echo, no line discipline rewriting `\n`).
+/// Opens the protocol port; a serial port in raw mode (no echo, no line discipline
+/// rewriting `\n`). A virtio serial port is not a terminal and needs nothing.
 pub fn open_tty(path: &str) -> Result<(File, File)> {
     let tty = OpenOptions::new()
         .read(true)
         .write(true)
         .open(path)
         .with_context(|| format!("opening the protocol port {path}"))?;
-    let mut t = termios::tcgetattr(tty.as_fd()).context("tcgetattr")?;
-    termios::cfmakeraw(&mut t);
-    termios::tcsetattr(tty.as_fd(), SetArg::TCSANOW, &t).context("tcsetattr")?;
+    if std::io::IsTerminal::is_terminal(&tty) {
+        let mut t = termios::tcgetattr(tty.as_fd()).context("tcgetattr")?;
+        termios::cfmakeraw(&mut t);
+        termios::tcsetattr(tty.as_fd(), SetArg::TCSANOW, &t).context("tcsetattr")?;
+    }
     let reader = tty.try_clone().context("dup of the protocol port")?;
     Ok((tty, reader))
 }
@@ -74,7 +78,30 @@ fn wait_resume<R: std::io::Read>(reader: &mut BufReader<R>) -> Result<()> {
     }
 }
 
-/// Blocks until everything written to the tty has left it.
-pub fn drain(tty: &File) {
-    let _ = termios::tcdrain(tty.as_fd());
+/// Blocks until what was written to the port has reached the host: a serial port drains
+/// its transmitter; a virtio serial port may still hold the last message in its queue, so
+/// the other side acknowledges it (`Msg::Resume`), waited for at most 10 s.
+pub fn drain(tty: &File, reader: &mut BufReader<File>) {
+    if std::io::IsTerminal::is_terminal(tty) {
+        let _ = termios::tcdrain(tty.as_fd());
+        return;
+    }
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut line = String::new();
+    loop {
+        if reader.buffer().is_empty() {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
+            let mut fds = [PollFd::new(reader.get_ref().as_fd(), PollFlags::POLLIN)];
+            if ms == 0 || !matches!(poll(&mut fds, PollTimeout::from(ms)), Ok(n) if n > 0) {
+                return;
+            }
+        }
+        line.clear();
+        match reader.read_line(&mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) if matches!(Msg::from_line(&line), Ok(Msg::Resume)) => return,
+            Ok(_) => {}
+        }
+    }
 }

@@ -30,19 +30,25 @@ pub enum Ports {
     /// COM1 and COM2 (16550 UARTs): every byte is a port I/O exit, and a console that
     /// works from the kernel's first line (record-boot's phases are console lines).
     Serial,
-    /// Two virtio consoles (`hvc0`, `hvc1`): a write is one
-    /// virtqueue notification, not one exit per byte. Nested under TCG that is the
-    /// difference between seconds and milliseconds for a boot log or a program's output.
-    /// The kernel's early lines reach the console when virtio-console registers.
+    /// A virtio console (`hvc0`) and a virtio serial port named [`PROTO_PORT_NAME`], each
+    /// on a virtio-serial device of its own: a write is one exit, not one per byte.
+    /// Nested under TCG that is the difference between seconds and milliseconds for a
+    /// boot log or a program's output. The console's device has a single port, which the
+    /// guest adds when it probes the device, before init opens /dev/console; the
+    /// protocol's is a serial port, not a console, because QEMU drops a console's data
+    /// when its chardev would block, and throttles a serial port instead.
     Virtio,
 }
+
+/// The name of the protocol's virtio serial port (in /sys/class/virtio-ports/*/name).
+pub const PROTO_PORT_NAME: &str = "exitlab.proto";
 
 impl Ports {
     /// The kernel's `console=` and, for virtio, where init finds the protocol port.
     pub fn cmdline(&self) -> &'static str {
         match self {
             Ports::Serial => "console=ttyS0",
-            Ports::Virtio => "console=hvc0 EXITLAB_PROTO=hvc1",
+            Ports::Virtio => "console=hvc0 EXITLAB_PROTO=exitlab.proto",
         }
     }
 }
@@ -176,20 +182,18 @@ impl VmSpec {
                 "-serial".into(),
                 "chardev:proto".into(),
             ]),
-            // One single-port device each: without multiport the guest adds the port
-            // when it probes the device, before init runs (a multiport device's ports
-            // come later, from its control queue, and init would find no /dev/console).
-            // Probed in PCI order, they are hvc0 and hvc1.
-            Ports::Virtio => {
-                for (i, id) in ["console", "proto"].iter().enumerate() {
-                    a.extend([
-                        "-device".into(),
-                        format!("virtio-serial-pci,id=vser{i},max_ports=1,ioeventfd=off"),
-                        "-device".into(),
-                        format!("virtconsole,bus=vser{i}.0,chardev={id}"),
-                    ]);
-                }
-            }
+            // ioeventfd off: a notification is handled before the vCPU resumes, instead
+            // of the guest spinning until QEMU's main loop gets to it.
+            Ports::Virtio => a.extend([
+                "-device".into(),
+                "virtio-serial-pci,id=vser0,max_ports=1,ioeventfd=off".into(),
+                "-device".into(),
+                "virtconsole,bus=vser0.0,chardev=console".into(),
+                "-device".into(),
+                "virtio-serial-pci,id=vser1,max_ports=2,ioeventfd=off".into(),
+                "-device".into(),
+                format!("virtserialport,bus=vser1.0,nr=1,chardev=proto,name={PROTO_PORT_NAME}"),
+            ]),
         }
         a.extend(self.extra.iter().cloned());
         a
@@ -260,11 +264,13 @@ mod tests {
             [
                 "virtio-serial-pci,id=vser0,max_ports=1,ioeventfd=off",
                 "virtconsole,bus=vser0.0,chardev=console",
-                "virtio-serial-pci,id=vser1,max_ports=1,ioeventfd=off",
-                "virtconsole,bus=vser1.0,chardev=proto"
+                "virtio-serial-pci,id=vser1,max_ports=2,ioeventfd=off",
+                "virtserialport,bus=vser1.0,nr=1,chardev=proto,name=exitlab.proto"
             ]
         );
-        assert!(spec.append.starts_with("console=hvc0 EXITLAB_PROTO=hvc1 "));
+        assert!(spec
+            .append
+            .starts_with("console=hvc0 EXITLAB_PROTO=exitlab.proto "));
         assert!(!spec.append.contains("ttyS0"));
         assert!(kernel_cmdline("").starts_with("console=ttyS0 "));
     }

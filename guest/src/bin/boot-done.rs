@@ -59,7 +59,7 @@ fn run() -> Result<()> {
         level: Level::L2,
         ok: true,
     });
-    port::drain(&tty);
+    port::drain(&tty, &mut reader);
     Ok(())
 }
 
