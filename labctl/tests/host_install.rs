@@ -130,28 +130,9 @@ fn bad_arguments_say_what_to_give() {
 /// anything is unpacked or built.
 #[test]
 fn a_source_of_another_version_is_refused_before_the_build() {
-    let source = repo_source();
     let d = scratch("mismatch");
-    let (config, symvers) = (d.join("config"), d.join("Module.symvers"));
-    std::fs::write(&config, "CONFIG_KVM=m\n").unwrap();
-    std::fs::write(&symvers, "").unwrap();
     let work = d.join("work");
-    let o = host_install(
-        &[
-            "build",
-            "--release",
-            "6.1.0-43-amd64",
-            "--source",
-            source.to_str().unwrap(),
-            "--config",
-            config.to_str().unwrap(),
-            "--symvers",
-            symvers.to_str().unwrap(),
-            "--dir",
-            work.to_str().unwrap(),
-        ],
-        None,
-    );
+    let o = build_in(&d, "6.1.0-43-amd64", "CONFIG_KVM=m\n", None);
     assert_eq!(o.status.code(), Some(1));
     let e = stderr(&o);
     assert!(e.contains("is Linux 6.12."), "{e}");
@@ -165,7 +146,6 @@ fn a_source_of_another_version_is_refused_before_the_build() {
 /// module would not be the kernel's (the lab measured "Invalid relocation target").
 #[test]
 fn a_btf_kernel_without_pahole_is_refused_before_the_build() {
-    let source = repo_source();
     let d = scratch("pahole");
     // Every program of /usr/bin but pahole.
     let farm = d.join("bin");
@@ -175,23 +155,10 @@ fn a_btf_kernel_without_pahole_is_refused_before_the_build() {
             symlink(e.path(), farm.join(e.file_name())).unwrap();
         }
     }
-    let (config, symvers) = (d.join("config"), d.join("Module.symvers"));
-    std::fs::write(&config, "CONFIG_KVM=m\nCONFIG_DEBUG_INFO_BTF=y\n").unwrap();
-    std::fs::write(&symvers, "").unwrap();
-    let o = host_install(
-        &[
-            "build",
-            "--release",
-            RELEASE,
-            "--source",
-            source.to_str().unwrap(),
-            "--config",
-            config.to_str().unwrap(),
-            "--symvers",
-            symvers.to_str().unwrap(),
-            "--dir",
-            d.join("work").to_str().unwrap(),
-        ],
+    let o = build_in(
+        &d,
+        RELEASE,
+        "CONFIG_KVM=m\nCONFIG_DEBUG_INFO_BTF=y\n",
         Some(&farm),
     );
     assert_eq!(o.status.code(), Some(1));
@@ -226,6 +193,30 @@ fn nix_is_root() -> bool {
         .arg("-u")
         .output()
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+/// `host-install build` for `release` from the installed source, with a configuration
+/// of `config_text` and an empty Module.symvers, in `d/work`.
+fn build_in(d: &Path, release: &str, config_text: &str, path: Option<&Path>) -> Output {
+    let source = repo_source();
+    let (config, symvers) = (d.join("config"), d.join("Module.symvers"));
+    std::fs::write(&config, config_text).unwrap();
+    std::fs::write(&symvers, "").unwrap();
+    let arg = |p: &Path| p.to_str().unwrap().to_string();
+    let args = [
+        "build".to_string(),
+        "--release".into(),
+        release.into(),
+        "--source".into(),
+        arg(&source),
+        "--config".into(),
+        arg(&config),
+        "--symvers".into(),
+        arg(&symvers),
+        "--dir".into(),
+        arg(&d.join("work")),
+    ];
+    host_install(&args.iter().map(String::as_str).collect::<Vec<_>>(), path)
 }
 
 /// The installed Debian kernel source (scripts/install-deps installs it).

@@ -262,6 +262,17 @@ int main(int argc, char **argv) {
 }
 "#;
 
+/// `gcc -static -O2 -o prog src`: a program of the user's for `labctl exec`.
+fn compile_static(src: &Path, prog: &Path) {
+    let cc = Command::new("gcc")
+        .args(["-static", "-O2", "-o"])
+        .arg(prog)
+        .arg(src)
+        .status()
+        .expect("this test needs gcc with static glibc: apt-get install -y gcc libc6-dev");
+    assert!(cc.success(), "gcc -static failed");
+}
+
 #[test]
 fn exec_runs_a_foreign_static_binary_and_returns_its_status() {
     let dir = std::env::temp_dir().join(format!("labctl-exec-{}", std::process::id()));
@@ -269,13 +280,7 @@ fn exec_runs_a_foreign_static_binary_and_returns_its_status() {
     let src = dir.join("prog.c");
     let prog = dir.join("prog");
     std::fs::write(&src, FOREIGN_PROGRAM).unwrap();
-    let cc = Command::new("gcc")
-        .args(["-static", "-O2", "-o"])
-        .arg(&prog)
-        .arg(&src)
-        .status()
-        .expect("this test needs gcc with static glibc: apt-get install -y gcc libc6-dev");
-    assert!(cc.success(), "gcc -static failed");
+    compile_static(&src, &prog);
     let data = dir.join("data.txt");
     std::fs::write(&data, "hello\n").unwrap();
     use std::os::unix::fs::PermissionsExt;
@@ -317,13 +322,7 @@ fn exec_delivers_a_large_output_whole() {
         "#include <stdio.h>\nint main(void) { for (int i = 0; i < 40000; i++) printf(\"line %06d abcdefghijklmnopqrstuvwxyz0123456789\\n\", i); return 0; }\n",
     )
     .unwrap();
-    let cc = Command::new("gcc")
-        .args(["-static", "-O2", "-o"])
-        .arg(&prog)
-        .arg(&src)
-        .status()
-        .expect("this test needs gcc with static glibc: apt-get install -y gcc libc6-dev");
-    assert!(cc.success(), "gcc -static failed");
+    compile_static(&src, &prog);
     let _g = lab_lock();
     let o = boot(&["exec", "--file", prog.to_str().unwrap(), "--", "./big"]);
     assert_eq!(code(&o), 0);
