@@ -310,10 +310,7 @@ fn l2_spec(vm: &VmJob) -> Result<VmSpec> {
     // The lab's own L2 talks over virtio consoles, where a line is one exit, not one
     // per byte; a recorded boot keeps the UARTs, whose console shows the kernel's first
     // line (a phase boundary), as a user's guest has (and the Debian guest needs them).
-    // With two or more vCPUs, L2 hung in its first console writes on virtio (spinning in
-    // virtio_console's __send_to_port() for the host to take the buffer; 5 of 5 runs
-    // with 2 or 4 vCPUs, none of 130 with one; not root-caused): those keep the UARTs.
-    let ports = if vm.disk_boot.is_none() && vm.record.is_none() && vm.vcpus == 1 {
+    let ports = if vm.disk_boot.is_none() && vm.record.is_none() {
         Ports::Virtio
     } else {
         Ports::Serial
