@@ -153,8 +153,15 @@ fn fetch(sh: &Shell, dir: &Path, pair: &Pair) -> Result<PathBuf> {
     Ok(root)
 }
 
-/// Runs the recipe's build step; returns the directory with kvm.ko, kvm-amd.ko, kvm-intel.ko.
-fn build_modules(lab: &Lab, dir: &Path, root: &Path, pair: &Pair) -> Result<PathBuf> {
+/// The recipe's build: its work directory, and where in it kvm.ko, kvm-amd.ko and
+/// kvm-intel.ko are (`linux-source-6.12/arch/x86/kvm`).
+struct Built {
+    work: PathBuf,
+    kvm_dir: String,
+}
+
+/// Runs the recipe's build step.
+fn build_modules(lab: &Lab, dir: &Path, root: &Path, pair: &Pair) -> Result<Built> {
     let source = lab
         .cfg
         .kernel_src
@@ -190,7 +197,10 @@ fn build_modules(lab: &Lab, dir: &Path, root: &Path, pair: &Pair) -> Result<Path
         )));
     }
     let mm: String = r.split('.').take(2).collect::<Vec<_>>().join(".");
-    Ok(work.join(format!("linux-source-{mm}/arch/x86/kvm")))
+    Ok(Built {
+        work,
+        kvm_dir: format!("linux-source-{mm}/arch/x86/kvm"),
+    })
 }
 
 /// The kernel's modules by name (`kvm_amd` for kvm-amd.ko.xz), under `lib/modules/<r>`.
@@ -291,7 +301,7 @@ fn image(
     p: &scenario::Prepared,
     stage: &Path,
     root: &Path,
-    built: &Path,
+    built: &Built,
 ) -> Result<PathBuf> {
     let guest = match &lab.artifacts.guest_dir {
         Some(d) => d.clone(),
@@ -333,17 +343,11 @@ fn image(
         lab.repo.join("scripts/host-install"),
         0o755,
     ));
-    let mm = built
-        .parent()
-        .and_then(|p| p.parent())
-        .and_then(|p| p.parent())
-        .and_then(|p| p.file_name())
-        .and_then(|n| n.to_str())
-        .expect("<work>/linux-source-<mm>/arch/x86/kvm");
+    let kvm_dir = &built.kvm_dir;
     for m in ["kvm", "kvm-amd", "kvm-intel"] {
         files.push(file(
-            format!("{L1_BUILD}/{mm}/arch/x86/kvm/{m}.ko"),
-            built.join(format!("{m}.ko")),
+            format!("{L1_BUILD}/{kvm_dir}/{m}.ko"),
+            built.work.join(kvm_dir).join(format!("{m}.ko")),
             0o644,
         ));
     }

@@ -223,17 +223,13 @@ pub fn build(dirs: &KernelDirs, inputs: &KernelInputs) -> Result<BuildInfo> {
         })?,
     };
     fs::create_dir_all(&dirs.root)?;
-    prepare_source(dirs, &source)?;
+    let source_id = prepare_source(dirs, &source)?;
     let version = kernel_version(&dirs.src())?;
     let patches = &inputs.patches;
     sync_patches(dirs, patches)?;
     configure(dirs, inputs.config_fragment)?;
-    let fingerprint = build_fingerprint(
-        &source_identity(&source)?,
-        patches,
-        inputs.config_fragment,
-        inputs.selftest,
-    )?;
+    let fingerprint =
+        build_fingerprint(&source_id, patches, inputs.config_fragment, inputs.selftest)?;
     if up_to_date(dirs, &fingerprint, inputs.selftest) {
         progress::note("kernel", "up to date: nothing changed since the last build");
     } else {
@@ -334,13 +330,15 @@ fn parse_version(makefile: &str) -> Option<(String, String, String, String)> {
     ))
 }
 
-fn prepare_source(dirs: &KernelDirs, source: &Path) -> Result<()> {
+/// Unpacks or copies `source` into the build tree unless it is already there; returns
+/// the source's identity.
+fn prepare_source(dirs: &KernelDirs, source: &Path) -> Result<String> {
     let id = source_identity(source)?;
     let src = dirs.src();
     if src.join("Makefile").is_file()
         && fs::read_to_string(dirs.source_id()).ok().as_deref() == Some(id.as_str())
     {
-        return Ok(());
+        return Ok(id);
     }
     let sh = Shell::new()?;
     let fresh = dirs.root.join("src.new");
@@ -373,7 +371,7 @@ fn prepare_source(dirs: &KernelDirs, source: &Path) -> Result<()> {
     fs::rename(&fresh, &src)?;
     fs::write(dirs.source_id(), &id)?;
     p.done("source ready");
-    Ok(())
+    Ok(id)
 }
 
 /// Files a patch touches, from its `--- a/…` and `+++ b/…` lines.
