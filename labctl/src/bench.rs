@@ -8,7 +8,6 @@
 //! deterministic figure instead of a noisy wall-clock one.
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use anyhow::Result;
 use exitlab_proto::job::{Level, Step};
@@ -20,7 +19,7 @@ use serde::Serialize;
 use crate::accel::AccelDecision;
 use crate::error::{code, setup};
 use crate::kernel::{self, KernelDirs, KernelInputs};
-use crate::progress::{self, fmt_elapsed};
+use crate::progress;
 use crate::scenario::{self, Lab, Prepared};
 use crate::verify::Check;
 
@@ -214,6 +213,7 @@ fn boot_and_measure(
         accel: icount(),
         qemu: p.qemu.clone(),
         l1_cmdline_base: p.l1_cmdline_base.clone(),
+        built_in: None,
     };
     // One discarded run first: the freshly booted VM settles (deferred work, idle vCPUs
     // going tickless) before anything is measured.
@@ -608,40 +608,4 @@ pub fn scaling(lab: &Lab, sweep: &[u32], iterations: u64, repeats: u32) -> Resul
     let path = scenario::write_summary(lab, "bench-scaling", &(rows, run_dirs))?;
     println!("results:  {}", path.display());
     Ok(0)
-}
-
-/// `labctl bench turnaround`: a cold kernel build (in a scratch build directory), a rebuild
-/// after touching one KVM file, and `labctl lab` from boot to result.
-pub fn turnaround(lab: &Lab) -> Result<i32> {
-    let scratch = lab.cfg.build_dir.join("turnaround");
-    let _ = std::fs::remove_dir_all(&scratch);
-    let mut cold = lab.cfg.clone();
-    cold.build_dir = scratch.clone();
-    let cold_lab = lab.with_config(cold)?;
-    let t = Instant::now();
-    cold_lab.build()?;
-    let cold_s = t.elapsed();
-    let x86 = KernelDirs::new(&scratch).src().join("arch/x86/kvm/x86.c");
-    let f = std::fs::File::options().append(true).open(&x86)?;
-    f.set_modified(std::time::SystemTime::now())?;
-    let t = Instant::now();
-    cold_lab.build()?;
-    let touch_s = t.elapsed();
-    let t = Instant::now();
-    let code = scenario::lab(&cold_lab)?;
-    let lab_s = t.elapsed();
-    let _ = std::fs::remove_dir_all(&scratch);
-    println!(
-        "cold build (kernel, selftest, guest, image): {}",
-        fmt_elapsed(cold_s)
-    );
-    println!(
-        "rebuild after touching arch/x86/kvm/x86.c:   {}",
-        fmt_elapsed(touch_s)
-    );
-    println!(
-        "labctl lab, boot to result:                  {}",
-        fmt_elapsed(lab_s)
-    );
-    Ok(code)
 }

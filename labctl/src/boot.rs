@@ -88,6 +88,8 @@ pub struct BootResult {
     pub msgs: Vec<Msg>,
     pub l1_up: Option<Duration>,
     pub l2_up: Option<Duration>,
+    /// When L2's init reported its steps done (its programs have run).
+    pub l2_done: Option<Duration>,
     pub total: Duration,
 }
 
@@ -243,6 +245,7 @@ pub fn boot(spec: &BootSpec, logs: &RunLogs, mut on_msg: impl FnMut(&Msg)) -> Re
         msgs: Vec::new(),
         l1_up: None,
         l2_up: None,
+        l2_done: None,
         total: Duration::ZERO,
     };
     let mut l1_done = false;
@@ -296,6 +299,9 @@ pub fn boot(spec: &BootSpec, logs: &RunLogs, mut on_msg: impl FnMut(&Msg)) -> Re
                     Msg::Done {
                         level: Level::L1, ..
                     } => l1_done = true,
+                    Msg::Done {
+                        level: Level::L2, ..
+                    } => result.l2_done = Some(start.elapsed()),
                     _ => {}
                 }
                 on_msg(&msg);

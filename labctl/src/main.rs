@@ -23,6 +23,7 @@ mod record;
 mod report;
 mod scenario;
 mod soak;
+mod turnaround;
 mod verify;
 
 use std::path::{Path, PathBuf};
@@ -177,8 +178,26 @@ enum BenchCommand {
     ExitCost(ExitCostArgs),
     /// Exits/s with 1, 2, 4 L2 vCPUs, accounting on vs off (wall clock: noisy).
     Scaling(ScalingArgs),
-    /// Cold build, rebuild after touching a KVM file, and `labctl lab` boot-to-result.
-    Turnaround(LabArgs),
+    /// Where the edit-and-rerun loop's time goes: `labctl lab` N times, step by step
+    /// (build check, image, L1 up, L2 up, programs, power-off, results); a rebuild after
+    /// touching a KVM file plus the lab; `stress --vcpus 4`; with --cold, a cold build.
+    /// Checks the README's goals.
+    Turnaround(TurnaroundArgs),
+}
+
+#[derive(Args)]
+struct TurnaroundArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// `labctl lab` runs (everything built).
+    #[arg(long, value_name = "N", default_value = "10")]
+    runs: u32,
+    /// `labctl stress --vcpus 4` runs (0: none).
+    #[arg(long, value_name = "M", default_value = "10")]
+    stress_runs: u32,
+    /// Also time a cold build in a scratch build directory (about 6 minutes on 2 cores).
+    #[arg(long)]
+    cold: bool,
 }
 
 #[derive(Args)]
@@ -487,7 +506,13 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             bench::scaling(&lab, &b.vcpus.0, b.iterations, b.repeats)
         }
         Command::Bench(BenchCommand::Turnaround(a)) => {
-            bench::turnaround(&lab_from(cli.config, cli.repo, a)?)
+            let req = turnaround::TurnaroundRequest {
+                runs: a.runs,
+                stress_runs: a.stress_runs,
+                cold: a.cold,
+            };
+            req.validate()?;
+            turnaround::turnaround(&lab_from(cli.config, cli.repo, a.common.into())?, &req)
         }
         Command::Exec(e) => {
             let lab = lab_from(cli.config, cli.repo, e.lab)?;

@@ -57,8 +57,18 @@ pub struct VmReport {
 
 #[derive(Debug, Serialize)]
 pub struct Timings {
+    /// `labctl build`'s part of the run: checks, the kernel's up-to-date test (or its
+    /// build), images (None where the scenario did not build, e.g. a distribution kernel).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub build_s: Option<f64>,
+    /// Writing the run's initramfs (the cached L1 image plus the job).
+    pub image_s: f64,
+    /// From QEMU's start: L1's init said hello, L2's init said hello, L2's steps were
+    /// done, QEMU exited.
     pub l1_up_s: Option<f64>,
     pub l2_up_s: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub l2_done_s: Option<f64>,
     pub total_s: f64,
 }
 

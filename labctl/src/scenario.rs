@@ -43,6 +43,8 @@ pub struct Prepared {
     /// L1's command line before the user's `--l1-cmdline`: [`L1_CMDLINE`] for the lab's
     /// kernel (KVM built in); empty for a distribution kernel whose KVM is a module.
     pub l1_cmdline_base: String,
+    /// How long [`Lab::build`] took (None when the scenario prepared otherwise).
+    pub built_in: Option<std::time::Duration>,
 }
 
 /// L1 is the course's host: its KVM answers the exit statistics leaves for every VM
@@ -85,6 +87,7 @@ impl Lab {
 
     /// `labctl build`: the kernel, the selftest, the guest programs and the L1 image.
     pub fn build(&self) -> Result<Prepared> {
+        let started = std::time::Instant::now();
         let accel = accel::decide(self.cfg.accel, &HostFacts::probe())?;
         doctor::require(&[Need::Executable("qemu-system-x86_64")])?;
         let qemu = doctor::which("qemu-system-x86_64").expect("required above");
@@ -125,6 +128,7 @@ impl Lab {
             accel,
             qemu,
             l1_cmdline_base: L1_CMDLINE.into(),
+            built_in: Some(started.elapsed()),
         })
     }
 
@@ -153,7 +157,9 @@ impl Lab {
         let dir = boot::new_run_dir(&self.cfg.build_dir, scenario)?;
         let logs = RunLogs::new(&dir);
         let initrd = dir.join("initrd.cpio");
+        let started = std::time::Instant::now();
         images::run_initrd(&p.image, job, files, &initrd)?;
+        let image = started.elapsed();
         let spec = BootSpec {
             qemu: p.qemu.clone(),
             accel: &p.accel,
@@ -172,6 +178,7 @@ impl Lab {
             boot: result?,
             logs,
             dir,
+            image,
         })
     }
 
@@ -237,8 +244,11 @@ impl Lab {
             stress: None,
             notes,
             timings: Timings {
+                build_s: p.built_in.map(|d| d.as_secs_f64()),
+                image_s: run.image.as_secs_f64(),
                 l1_up_s: run.boot.l1_up.map(|d| d.as_secs_f64()),
                 l2_up_s: run.boot.l2_up.map(|d| d.as_secs_f64()),
+                l2_done_s: run.boot.l2_done.map(|d| d.as_secs_f64()),
                 total_s: run.boot.total.as_secs_f64(),
             },
             logs: run.logs.clone(),
@@ -251,6 +261,8 @@ pub struct Run {
     pub boot: BootResult,
     pub logs: RunLogs,
     pub dir: PathBuf,
+    /// Writing the run's initramfs.
+    pub image: std::time::Duration,
 }
 
 /// A program a step ran, with its collected output.
@@ -401,7 +413,7 @@ pub fn stream_output(level: Level) -> impl FnMut(&Msg) {
 }
 
 pub(crate) fn l2_vm(cfg: &LabConfig, files: Vec<String>, steps: Vec<Step>) -> Job {
-    l2_vm_with_args(cfg, files, steps, "")
+    l2_vm_with_args(cfg, files, steps, &std::env::var("XL2").unwrap_or_default())
 }
 
 pub(crate) fn l2_vm_with_args(
@@ -514,9 +526,16 @@ pub(crate) fn lab_l2_checks(run: &Run) -> (Vec<Check>, Vec<ExitStats>) {
 
 /// `labctl lab`: `test_assignment2` twice in L2, checked against KVM's statistics.
 pub fn lab(lab: &Lab) -> Result<i32> {
+    let (results, path) = run_lab(lab, stream_output(Level::L2))?;
+    results.print_summary(&path);
+    Ok(results.exit_code)
+}
+
+/// The lab scenario without its printed summary: its results, written, and where.
+pub fn run_lab(lab: &Lab, on_msg: impl FnMut(&Msg)) -> Result<(Results, PathBuf)> {
     let p = lab.build()?;
     let job = l2_vm(&lab.cfg, vec![], lab_l2_steps());
-    let run = lab.run(&p, "lab", &job, &[], stream_output(Level::L2))?;
+    let run = lab.run(&p, "lab", &job, &[], on_msg)?;
     let mut checks = vec![run.ran_check()];
     let (l2_checks, readings) = lab_l2_checks(&run);
     checks.extend(l2_checks);
@@ -524,8 +543,7 @@ pub fn lab(lab: &Lab) -> Result<i32> {
     results.readings = readings;
     results.l2 = Some(lab.l2_report(&run));
     let path = write_results(&results, &run)?;
-    results.print_summary(&path);
-    Ok(results.exit_code)
+    Ok((results, path))
 }
 
 /// Exit status of `labctl exec` when the command could not be started in the guest.
