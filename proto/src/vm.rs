@@ -14,8 +14,14 @@ pub mod l1 {
     pub const SELFTEST: &str = "/kselftest/exit_stats_test";
 }
 
-/// Firmware files QEMU needs for `-M pc` with `-kernel` (looked up in `-L`).
-pub const FIRMWARE: &[&str] = &["bios-256k.bin", "linuxboot_dma.bin", "kvmvapic.bin"];
+/// Firmware files QEMU needs for `-M pc` with `-kernel`, and for `-M microvm` (qboot),
+/// looked up in `-L`.
+pub const FIRMWARE: &[&str] = &[
+    "bios-256k.bin",
+    "linuxboot_dma.bin",
+    "kvmvapic.bin",
+    "bios-microvm.bin",
+];
 
 /// The protocol serial port inside a VM.
 pub const PROTO_TTY: &str = "/dev/ttyS1";
@@ -30,7 +36,8 @@ pub enum Ports {
     /// COM1 and COM2 (16550 UARTs): every byte is a port I/O exit, and a console that
     /// works from the kernel's first line (record-boot's phases are console lines).
     Serial,
-    /// A virtio console (`hvc0`) and a virtio serial port named [`PROTO_PORT_NAME`], each
+    /// A `microvm` machine (no PCI, no legacy devices, qboot instead of SeaBIOS) with a
+    /// virtio console (`hvc0`) and a virtio serial port named [`PROTO_PORT_NAME`], each
     /// on a virtio-serial device of its own: a write is one exit, not one per byte.
     /// Nested under TCG that is the difference between seconds and milliseconds for a
     /// boot log or a program's output. The console's device has a single port, which the
@@ -44,6 +51,16 @@ pub enum Ports {
 pub const PROTO_PORT_NAME: &str = "exitlab.proto";
 
 impl Ports {
+    /// QEMU's `-machine`: a PC for UARTs; for virtio ports a `microvm` without the
+    /// legacy devices nobody uses there (the PIT, PIC and RTC, option ROMs), whose
+    /// probing would be exits.
+    pub fn machine(&self) -> &'static str {
+        match self {
+            Ports::Serial => "pc",
+            Ports::Virtio => "microvm,x-option-roms=off,isa-serial=off,rtc=off,pit=off,pic=off",
+        }
+    }
+
     /// The kernel's `console=` and, for virtio, where init finds the protocol port.
     pub fn cmdline(&self) -> &'static str {
         match self {
@@ -144,11 +161,12 @@ impl VmSpec {
         if let Some(dir) = &self.firmware_dir {
             a.extend(["-L".into(), dir.clone()]);
         }
-        let (accel, machine) = match self.accel {
-            Accel::Kvm => ("kvm", "pc"),
-            Accel::Tcg => ("tcg,thread=multi", "pc"),
-            Accel::TcgIcount => ("tcg,thread=single", "pc"),
+        let accel = match self.accel {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg,thread=multi",
+            Accel::TcgIcount => "tcg,thread=single",
         };
+        let machine = self.ports.machine();
         if self.accel == Accel::TcgIcount {
             a.extend(["-icount".into(), "shift=0,sleep=off".into()]);
         }
@@ -185,12 +203,14 @@ impl VmSpec {
             // ioeventfd off: a notification is handled before the vCPU resumes, instead
             // of the guest spinning until QEMU's main loop gets to it.
             Ports::Virtio => a.extend([
+                "-global".into(),
+                "virtio-mmio.ioeventfd=off".into(),
                 "-device".into(),
-                "virtio-serial-pci,id=vser0,max_ports=1,ioeventfd=off".into(),
+                "virtio-serial-device,id=vser0,max_ports=1".into(),
                 "-device".into(),
                 "virtconsole,bus=vser0.0,chardev=console".into(),
                 "-device".into(),
-                "virtio-serial-pci,id=vser1,max_ports=2,ioeventfd=off".into(),
+                "virtio-serial-device,id=vser1,max_ports=2".into(),
                 "-device".into(),
                 format!("virtserialport,bus=vser1.0,nr=1,chardev=proto,name={PROTO_PORT_NAME}"),
             ]),
@@ -254,6 +274,12 @@ mod tests {
         };
         let a = spec.args();
         assert!(!a.contains(&"-serial".to_string()));
+        assert!(a
+            .windows(2)
+            .any(|w| w[0] == "-machine" && w[1].starts_with("microvm,")));
+        assert!(a
+            .windows(2)
+            .any(|w| w == ["-global", "virtio-mmio.ioeventfd=off"]));
         let devices: Vec<_> = a
             .windows(2)
             .filter(|w| w[0] == "-device")
@@ -262,9 +288,9 @@ mod tests {
         assert_eq!(
             devices,
             [
-                "virtio-serial-pci,id=vser0,max_ports=1,ioeventfd=off",
+                "virtio-serial-device,id=vser0,max_ports=1",
                 "virtconsole,bus=vser0.0,chardev=console",
-                "virtio-serial-pci,id=vser1,max_ports=2,ioeventfd=off",
+                "virtio-serial-device,id=vser1,max_ports=2",
                 "virtserialport,bus=vser1.0,nr=1,chardev=proto,name=exitlab.proto"
             ]
         );
