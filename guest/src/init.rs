@@ -362,6 +362,7 @@ fn l2_spec(vm: &VmJob) -> Result<VmSpec> {
         console: Chardev::Stdio,
         proto: Chardev::Socket(L2_SOCKET.into()),
         ports,
+        machine: vm.machine,
         extra,
     })
 }

@@ -10,10 +10,10 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
-use exitlab_proto::job::{Level, Step};
+use exitlab_proto::job::{Job, Level, Step};
 use exitlab_proto::leaf::{LEAF, LEAF_NATIVE, LEAF_SDM, NATIVE_OTHER, SDM_REASON_CPUID};
 use exitlab_proto::stress::{StressReport, StressSpec};
-use exitlab_proto::vm::Accel;
+use exitlab_proto::vm::{Accel, Machine};
 use serde::Serialize;
 
 use crate::accel::AccelDecision;
@@ -22,6 +22,21 @@ use crate::kernel::{self, KernelDirs, KernelInputs};
 use crate::progress;
 use crate::scenario::{self, Lab, Prepared};
 use crate::verify::Check;
+
+/// The same job with its L2 a PC instead of a microvm. The exit-cost L2 on a microvm
+/// deadlocks, every time, where the job flips `kvm.exit_accounting` after the "on"
+/// measurements: L1's jump-label kernel patches its text while L2 waits, and L2 is then
+/// found spinning in an interrupt handler on a lock its own interrupted context holds
+/// (README, "Reliability"; not root-caused). On a PC the same job passes, as it always
+/// did, and the cost of an exit does not depend on the machine around it.
+fn on_a_pc(mut job: Job) -> Job {
+    for step in &mut job.steps {
+        if let Step::Vm(vm) = step {
+            vm.machine = Machine::Pc;
+        }
+    }
+    job
+}
 
 /// Goals the README states and `exit-cost` checks.
 pub const GOAL_ON_PCT: f64 = 0.5;
@@ -230,7 +245,7 @@ fn boot_and_measure(
     // one: an SMP guest cannot boot in reasonable time on one single-threaded,
     // instruction-counting L1 CPU, and the other vCPUs' activity would be counted too.
     let args = if vcpus > 1 { "maxcpus=1" } else { "" };
-    let job = scenario::l2_vm_with_args(&one.cfg, vec![], steps, args);
+    let job = on_a_pc(scenario::l2_vm_with_args(&one.cfg, vec![], steps, args));
     let run = one.run(&prepared, "bench", &job, &[], |_| {})?;
     run_dirs.push(run.dir.clone());
     let programs = run.programs(Level::L2);

@@ -193,6 +193,7 @@ pub fn boot(spec: &BootSpec, logs: &RunLogs, mut on_msg: impl FnMut(&Msg)) -> Re
         proto: Chardev::Stdio,
         // L1 runs under TCG or on hardware: its port I/O costs little.
         ports: vm::Ports::Serial,
+        machine: vm::Machine::Pc,
         extra: [
             "-qmp".to_string(),
             format!(

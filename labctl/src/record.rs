@@ -32,7 +32,7 @@ use exitlab_proto::msg::{
     apply_reason_updates, sample_stats, Msg, ReasonTotals, Stream, STAT_EXITS, STAT_EXIT_CYCLES,
 };
 use exitlab_proto::reasons::sdm_name;
-use exitlab_proto::vm::{self, l1};
+use exitlab_proto::vm::{self, l1, Machine};
 use serde::Serialize;
 
 use crate::debian;
@@ -763,6 +763,8 @@ fn l2_job(lab: &Lab, req: &RecordRequest, disk_boot: Option<DiskBoot>) -> Job {
             record: Some(Recording {
                 interval_ms: req.interval_ms,
             }),
+            // A recorded guest is a PC with UARTs, whatever this says.
+            machine: Machine::Pc,
         })],
     }
 }

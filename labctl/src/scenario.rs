@@ -10,7 +10,7 @@ use exitlab_proto::job::{Job, Level, Step, VmJob};
 use exitlab_proto::leaf::ExitStats;
 use exitlab_proto::msg::{Msg, Status, Stream, VmStats};
 use exitlab_proto::stress::{StressReport, StressSpec};
-use exitlab_proto::vm::l1;
+use exitlab_proto::vm::{l1, Machine};
 
 use crate::accel::{self, AccelDecision, HostFacts};
 use crate::boot::{self, BootResult, BootSpec, RunLogs};
@@ -435,6 +435,7 @@ pub(crate) fn l2_vm_with_args(
             },
             disk_boot: None,
             record: None,
+            machine: Machine::default(),
         })],
     }
 }

@@ -822,6 +822,64 @@ fn exit_cost_is_deterministic_and_accounting_is_cheap() {
     }
 }
 
+#[test]
+fn turnaround_splits_each_lab_run_into_its_steps() {
+    let _g = lab_lock();
+    let o = boot(&["bench", "turnaround", "--runs", "2", "--stress-runs", "1"]);
+    // The goals are this machine's (2 cores): a slower one may miss them (1), but the
+    // bench must run (not 2 or a crash) and report every figure.
+    assert!(
+        matches!(code(&o), 0 | 1),
+        "turnaround failed to run: {}{}",
+        stdout(&o),
+        stderr(&o)
+    );
+    let out = stdout(&o);
+    let path = out
+        .lines()
+        .find_map(|l| l.strip_prefix("figures: "))
+        .expect("turnaround printed no figures path");
+    let y = yaml_file(Path::new(path.trim()));
+    assert_eq!(y["schema"].as_str(), Some("kvm-exit-lab/turnaround/v1"));
+    let runs = y["lab_runs"].as_sequence().unwrap();
+    assert_eq!(runs.len(), 2);
+    let mut walls = Vec::new();
+    for r in runs {
+        assert_eq!(r["ok"].as_bool(), Some(true), "{r:?}");
+        let wall = r["wall_s"].as_f64().unwrap();
+        let steps: Vec<f64> = r["steps"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|s| s.as_f64().expect("every step reached"))
+            .collect();
+        assert_eq!(steps.len(), 7, "{r:?}");
+        // The instants come in order (no step negative) and account for the whole run.
+        assert!(steps.iter().all(|&s| s >= 0.0), "{steps:?}");
+        assert!(
+            (steps.iter().sum::<f64>() - wall).abs() < 1e-6,
+            "{steps:?} vs {wall}"
+        );
+        // Two boots happened: L1's and L2's each take well over a tenth of a second.
+        assert!(steps[2] > 0.1 && steps[3] > 0.1, "{steps:?}");
+        walls.push(wall);
+    }
+    // Touching x86.c made the next lab run recompile and relink the kernel first.
+    let touch = y["touch_and_lab_s"].as_f64().expect("touch and lab timed");
+    let slowest = walls.iter().copied().fold(0.0, f64::max);
+    assert!(
+        touch > slowest + 1.0,
+        "touch+lab {touch} s, lab runs {walls:?}"
+    );
+    assert_eq!(y["stress_s"].as_sequence().unwrap().len(), 1);
+    for c in y["checks"].as_sequence().unwrap() {
+        let name = c["name"].as_str().unwrap();
+        if ["lab-runs", "touch-and-lab-ran", "stress-runs"].contains(&name) {
+            assert_eq!(c["ok"].as_bool(), Some(true), "{c:?}");
+        }
+    }
+}
+
 fn tmp_dir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("labctl-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);

@@ -3,6 +3,7 @@
 //! A job travels as `/lab/job.json` inside the VM's initramfs; files it needs travel as
 //! `/lab/files/<name>` next to it. The image's init (PID 1) runs the steps in order.
 
+use crate::vm::Machine;
 use serde::{Deserialize, Serialize};
 
 /// Where a job's JSON lives inside a VM.
@@ -76,6 +77,10 @@ pub struct VmJob {
     /// Sample the VM's KVM statistics while it runs (see [`Msg::Sample`](crate::msg::Msg::Sample)).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub record: Option<Recording>,
+    /// The machine of the lab's own L2 (virtio ports); a guest booted from a disk or
+    /// recorded is always a PC with UARTs.
+    #[serde(default)]
+    pub machine: Machine,
 }
 
 /// An L2 guest of its own: a kernel and initramfs (files under L1's [`FILES_DIR`]) and a
@@ -202,6 +207,7 @@ mod tests {
                 memory_mib: 256,
                 files: vec![],
                 kernel_args: String::new(),
+                machine: Machine::Microvm,
                 job: Job {
                     level: Level::L2,
                     steps: vec![
