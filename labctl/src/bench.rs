@@ -24,11 +24,10 @@ use crate::scenario::{self, Lab, Prepared};
 use crate::verify::Check;
 
 /// The same job with its L2 a PC instead of a microvm. The exit-cost L2 on a microvm
-/// deadlocks, every time, where the job flips `kvm.exit_accounting` after the "on"
-/// measurements: L1's jump-label kernel patches its text while L2 waits, and L2 is then
-/// found spinning in an interrupt handler on a lock its own interrupted context holds
-/// (README, "Reliability"; not root-caused). On a PC the same job passes, as it always
-/// did, and the cost of an exit does not depend on the machine around it.
+/// hangs, every time, where L2 asks L1 to flip `kvm.exit_accounting` after the "on"
+/// measurements: L2 is found spinning in an interrupt handler on a lock its own
+/// interrupted context holds (README, "Reliability"; not root-caused). On a PC the same
+/// job passes, as it always did, and the cost of an exit does not depend on the machine.
 fn on_a_pc(mut job: Job) -> Job {
     for step in &mut job.steps {
         if let Step::Vm(vm) = step {
