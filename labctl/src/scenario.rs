@@ -413,7 +413,7 @@ pub fn stream_output(level: Level) -> impl FnMut(&Msg) {
 }
 
 pub(crate) fn l2_vm(cfg: &LabConfig, files: Vec<String>, steps: Vec<Step>) -> Job {
-    l2_vm_with_args(cfg, files, steps, &std::env::var("XL2").unwrap_or_default())
+    l2_vm_with_args(cfg, files, steps, "")
 }
 
 pub(crate) fn l2_vm_with_args(

@@ -145,8 +145,8 @@ struct TurnaroundFile<'a> {
 pub const SCHEMA: &str = "kvm-exit-lab/turnaround/v1";
 
 /// `labctl bench turnaround`: 0 when every run passed and every goal is met, 1 if not.
+/// `req` is validated by the caller, before the build directory is locked.
 pub fn turnaround(lab: &Lab, req: &TurnaroundRequest) -> Result<i32> {
-    req.validate()?;
     let mut checks = Vec::new();
     // Everything built first, so the first timed run measures a rerun, not a build.
     lab.build()?;
