@@ -722,13 +722,31 @@ fn relay_l2(stream: UnixStream, pid: i32, recording: Option<Clock>, tx: &Sender)
                         error: format!("{name:?} is not a parameter name"),
                     },
                     Some(path) => match fs::write(&path, &value) {
-                        Ok(()) => Msg::Resume,
+                        Ok(()) => {
+                            tx.send(&Msg::Console {
+                                level: Level::L1,
+                                line: format!("exitlab: L2 asked for kvm.{name}={value}: set"),
+                                t_us: recording.as_ref().map(|c| micros(c.start)),
+                            });
+                            Msg::Resume
+                        }
                         Err(e) => Msg::Refused {
                             error: format!("writing {value:?} to {path}: {e}"),
                         },
                     },
                 };
                 to_l2.write_all(reply.to_line().as_bytes())?;
+            }
+            Msg::Hello { .. } => {
+                // L2's init has opened its port. QEMU (7.2) starts reading the port's
+                // chardev only when its main loop next runs, and with ioeventfd off the
+                // open was handled on the vCPU thread, which does not wake the main loop:
+                // without this, a reply sent before anything else woke it would sit in
+                // the socket for ever (README, "Reliability").
+                stats
+                    .wake()
+                    .context("waking L2's QEMU after L2 opened its port")?;
+                tx.send(&msg);
             }
             Msg::Done { ok, .. } => {
                 if let Ok(vm) = stats.read() {

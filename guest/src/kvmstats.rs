@@ -59,12 +59,21 @@ impl VmStatsReader {
     /// VM-wide sums first (undisturbed), then each vCPU.
     pub fn read(&mut self) -> Result<VmStats, StatsError> {
         let vm = read_debugfs(self.pid)?;
+        let vcpus = self.qmp()?.vcpu_stats()?;
+        Ok(VmStats { vm, vcpus })
+    }
+
+    /// Makes QEMU's main loop run once: a command over QMP is handled there.
+    pub fn wake(&mut self) -> Result<(), StatsError> {
+        self.qmp()?.execute("query-status", json!({}))?;
+        Ok(())
+    }
+
+    fn qmp(&mut self) -> Result<&mut Qmp, StatsError> {
         if self.qmp.is_none() {
             self.qmp = Some(Qmp::connect(&self.qmp_socket)?);
         }
-        let qmp = self.qmp.as_mut().expect("connected above");
-        let vcpus = qmp.vcpu_stats()?;
-        Ok(VmStats { vm, vcpus })
+        Ok(self.qmp.as_mut().expect("connected above"))
     }
 }
 
