@@ -10,10 +10,10 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
-use exitlab_proto::job::{Job, Level, Step};
+use exitlab_proto::job::{Level, Step};
 use exitlab_proto::leaf::{LEAF, LEAF_NATIVE, LEAF_SDM, NATIVE_OTHER, SDM_REASON_CPUID};
 use exitlab_proto::stress::{StressReport, StressSpec};
-use exitlab_proto::vm::{Accel, Machine};
+use exitlab_proto::vm::Accel;
 use serde::Serialize;
 
 use crate::accel::AccelDecision;
@@ -22,20 +22,6 @@ use crate::kernel::{self, KernelDirs, KernelInputs};
 use crate::progress;
 use crate::scenario::{self, Lab, Prepared};
 use crate::verify::Check;
-
-/// The same job with its L2 a PC instead of a microvm. The exit-cost L2 on a microvm
-/// hangs, every time, where L2 asks L1 to flip `kvm.exit_accounting` after the "on"
-/// measurements: L2 is found spinning in an interrupt handler on a lock its own
-/// interrupted context holds (README, "Reliability"; not root-caused). On a PC the same
-/// job passes, as it always did, and the cost of an exit does not depend on the machine.
-fn on_a_pc(mut job: Job) -> Job {
-    for step in &mut job.steps {
-        if let Step::Vm(vm) = step {
-            vm.machine = Machine::Pc;
-        }
-    }
-    job
-}
 
 /// Goals the README states and `exit-cost` checks.
 pub const GOAL_ON_PCT: f64 = 0.5;
@@ -244,7 +230,7 @@ fn boot_and_measure(
     // one: an SMP guest cannot boot in reasonable time on one single-threaded,
     // instruction-counting L1 CPU, and the other vCPUs' activity would be counted too.
     let args = if vcpus > 1 { "maxcpus=1" } else { "" };
-    let job = on_a_pc(scenario::l2_vm_with_args(&one.cfg, vec![], steps, args));
+    let job = scenario::l2_vm_with_args(&one.cfg, vec![], steps, args);
     let run = one.run(&prepared, "bench", &job, &[], |_| {})?;
     run_dirs.push(run.dir.clone());
     let programs = run.programs(Level::L2);
@@ -619,7 +605,22 @@ pub fn scaling(lab: &Lab, sweep: &[u32], iterations: u64, repeats: u32) -> Resul
         );
     }
     println!("(wall-clock rates of the nested lab under multi-threaded TCG: medians of {repeats} runs; noisy, compare on vs off within a row pair)");
-    let path = scenario::write_summary(lab, "bench-scaling", &(rows, run_dirs))?;
+    #[derive(Serialize)]
+    struct Summary {
+        schema: &'static str,
+        iterations: u64,
+        repeats: u32,
+        rows: Vec<Row>,
+        runs: Vec<PathBuf>,
+    }
+    let summary = Summary {
+        schema: "kvm-exit-lab/bench-scaling/v1",
+        iterations,
+        repeats,
+        rows,
+        runs: run_dirs,
+    };
+    let path = scenario::write_summary(lab, "bench-scaling", &summary)?;
     println!("results:  {}", path.display());
     Ok(0)
 }

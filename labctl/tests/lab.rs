@@ -823,6 +823,50 @@ fn exit_cost_is_deterministic_and_accounting_is_cheap() {
 }
 
 #[test]
+fn scaling_flips_accounting_before_anything_else_wakes_l2s_qemu() {
+    let _g = lab_lock();
+    // The bench's first L2 step asks L1 to set a parameter: L1's answer is the first byte
+    // L2's QEMU must read from the protocol socket, before any checkpoint had L1 talk to
+    // that QEMU over QMP. QEMU 7.2 did not read it until its main loop woke for another
+    // reason, and the bench hung every time (README, "Reliability").
+    let o = boot(&[
+        "bench",
+        "scaling",
+        "--vcpus",
+        "1,2",
+        "--iterations",
+        "2000",
+        "--repeats",
+        "2",
+    ]);
+    assert_eq!(code(&o), 0, "{}{}", stdout(&o), stderr(&o));
+    let y = results(&o);
+    assert_eq!(y["schema"].as_str(), Some("kvm-exit-lab/bench-scaling/v1"));
+    let rows = y["rows"].as_sequence().unwrap();
+    let seen: Vec<(u64, &str)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["vcpus"].as_u64().unwrap(),
+                r["accounting"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(seen, [(1, "on"), (1, "off"), (2, "on"), (2, "off")]);
+    for r in rows {
+        let rates = r["exits_per_s"].as_sequence().unwrap();
+        assert_eq!(rates.len(), 2, "{r:?}");
+        // A CPUID exit takes tens of microseconds here: thousands per second per vCPU,
+        // not zero and not the millions of a CPUID that did not exit.
+        for x in rates {
+            let x = x.as_f64().unwrap();
+            assert!((1000.0..1_000_000.0).contains(&x), "{r:?}");
+        }
+    }
+    assert_eq!(y["runs"].as_sequence().unwrap().len(), 2);
+}
+
+#[test]
 fn turnaround_splits_each_lab_run_into_its_steps() {
     let _g = lab_lock();
     let o = boot(&["bench", "turnaround", "--runs", "2", "--stress-runs", "1"]);
