@@ -595,18 +595,50 @@ fn sample(
             created_us: created.as_micros() as u64,
         });
         let mut tick = created;
+        let mut last = (clock.start.elapsed(), local_timer_interrupts());
         while !stop.load(Ordering::Relaxed) {
             let Ok(reading) = clock.sample(&dir) else {
                 return; // the VM is gone
             };
             tx.send(&reading.msg(None));
             let now = clock.start.elapsed();
+            let loc = local_timer_interrupts();
+            if now - last.0 > 5 * interval {
+                tx.send(&Msg::Console {
+                    level: Level::L1,
+                    line: format!(
+                        "exitlab: the sampler ran {} ms after its previous sample (every {} ms); \
+                         L1 took {} local timer interrupts meanwhile",
+                        (now - last.0).as_millis(),
+                        interval.as_millis(),
+                        loc.zip(last.1)
+                            .map_or("an unknown number of".into(), |(a, b)| (a - b).to_string()),
+                    ),
+                    t_us: Some(now.as_micros() as u64),
+                });
+            }
+            last = (now, loc);
             while tick <= now {
                 tick += interval;
             }
             thread::sleep(tick - now);
         }
     })
+}
+
+/// L1's local APIC timer interrupts so far (`LOC` in /proc/interrupts, summed over CPUs).
+/// A late sample with many of them says L1's timer fired and the sampler was not run; with
+/// none, that the timer interrupt itself did not reach L1 (README, "Reliability").
+fn local_timer_interrupts() -> Option<u64> {
+    loc_interrupts(&fs::read_to_string("/proc/interrupts").ok()?)
+}
+
+fn loc_interrupts(text: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.trim_start().starts_with("LOC:"))?;
+    line.split_whitespace()
+        .skip(1)
+        .map_while(|w| w.parse::<u64>().ok())
+        .reduce(|a, b| a + b)
 }
 
 /// How long L2's QEMU gets to exit by itself once its protocol link is gone.
@@ -769,6 +801,21 @@ fn relay_l2(stream: UnixStream, pid: i32, recording: Option<Clock>, tx: &Sender)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn local_timer_interrupts_are_summed_over_cpus() {
+        let text = "           CPU0       CPU1\n  \
+                    0:         40          0  IO-APIC   2-edge      timer\n\
+                    NMI:          0          0   Non-maskable interrupts\n\
+                    LOC:      12345        655   Local timer interrupts\n\
+                    SPU:          0          0   Spurious interrupts\n";
+        assert_eq!(loc_interrupts(text), Some(13000));
+        assert_eq!(
+            loc_interrupts("LOC:   7   Local timer interrupts\n"),
+            Some(7)
+        );
+        assert_eq!(loc_interrupts("NMI: 0 Non-maskable interrupts\n"), None);
+    }
 
     #[test]
     fn a_sample_of_a_vm_going_away_is_not_a_sample() {
