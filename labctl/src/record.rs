@@ -40,7 +40,7 @@ use crate::error::setup;
 use crate::images::UserFile;
 use crate::plot;
 use crate::progress;
-use crate::scenario::Lab;
+use crate::scenario::{self, Lab};
 use crate::verify::{self, Check};
 
 pub const SCHEMA: &str = "kvm-exit-lab/record-boot/v1";
@@ -803,7 +803,7 @@ pub fn record_boot(lab: &Lab, req: &RecordRequest) -> Result<i32> {
     prepare_out(&out)?;
     let mut p = lab.build()?;
     if req.guest == Guest::Debian {
-        p.l1_cmdline_base = format!("{} {DEBIAN_L1_TICK}", p.l1_cmdline_base);
+        p.l1_cmdline_base = scenario::l1_cmdline(&p.l1_cmdline_base, DEBIAN_L1_TICK);
     }
     let (job, files, extra) = match req.guest {
         Guest::Minimal => (l2_job(lab, req, None), vec![], vec![]),

@@ -52,7 +52,7 @@ pub struct Prepared {
 /// per-VM capability. The user's `--l1-cmdline` comes after, so it can turn that off.
 pub const L1_CMDLINE: &str = "kvm.exit_stats_leaves=1";
 
-fn l1_cmdline(base: &str, user: &str) -> String {
+pub(crate) fn l1_cmdline(base: &str, user: &str) -> String {
     [base, user]
         .iter()
         .filter(|s| !s.is_empty())
