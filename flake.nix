@@ -11,12 +11,12 @@
 
       # The kernel the patches target: nixpkgs' Linux 6.12 (the series was made on 6.12.117).
       linux = pkgs.linux_6_12;
-      # The series, then the lab's workarounds for the emulated CPU (kernel/lab-patches).
+      # The series, then the lab's workarounds for the emulated CPU (kernel/6.12/lab-patches).
       patchesIn = dir: map (name: dir + "/${name}")
         (lib.sort lib.lessThan
           (lib.filter (lib.hasSuffix ".patch")
             (builtins.attrNames (builtins.readDir dir))));
-      kernelPatches = patchesIn ./kernel/patches ++ patchesIn ./kernel/lab-patches;
+      kernelPatches = patchesIn ./kernel/6.12/patches ++ patchesIn ./kernel/6.12/lab-patches;
 
       # QEMU for x86 hosts only: runs L1, and is copied into L1 to run L2.
       qemu = pkgs.qemu_kvm;
@@ -63,7 +63,7 @@
         configurePhase = builtins.readFile ./nix/kernel/configure.sh;
         buildPhase = builtins.readFile ./nix/kernel/build.sh;
         installPhase = builtins.readFile ./nix/kernel/install.sh;
-        meta.description = "Linux ${linux.version} with kernel/patches, configured as the lab's L1/L2 kernel";
+        meta.description = "Linux ${linux.version} with kernel/6.12/patches, configured as the lab's L1/L2 kernel";
       };
 
       # The L1 initramfs, assembled by labctl from the Nix-built pieces.

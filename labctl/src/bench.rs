@@ -292,12 +292,16 @@ pub fn exit_cost(lab: &Lab, req: &ExitCostRequest) -> Result<i32> {
             "bench",
             format!("building the patched kernel with lab.config + {BENCH_CONFIG}"),
         );
-        let dirs = KernelDirs::new(&lab.cfg.build_dir.join("bench/patched"));
+        let dirs = KernelDirs::new(
+            &lab.cfg.build_dir.join("bench/patched"),
+            lab.cfg.kernel_series,
+        );
         let info = kernel::build(
             &dirs,
             &KernelInputs {
+                series: lab.cfg.kernel_series,
                 source: lab.cfg.kernel_src.as_deref(),
-                patches: kernel::lab_kernel_patches(&lab.repo)?,
+                patches: kernel::lab_kernel_patches(&lab.repo, lab.cfg.kernel_series)?,
                 selftest: true,
                 config_fragment: &fragment,
             },
@@ -318,12 +322,13 @@ pub fn exit_cost(lab: &Lab, req: &ExitCostRequest) -> Result<i32> {
                 "bench",
                 "building the unpatched baseline kernel (same source and config)",
             );
-            let dirs = KernelDirs::new(&baseline_dir);
+            let dirs = KernelDirs::new(&baseline_dir, lab.cfg.kernel_series);
             kernel::build(
                 &dirs,
                 &KernelInputs {
+                    series: lab.cfg.kernel_series,
                     source: lab.cfg.kernel_src.as_deref(),
-                    patches: kernel::baseline_patches(&lab.repo)?,
+                    patches: kernel::baseline_patches(&lab.repo, lab.cfg.kernel_series)?,
                     selftest: false,
                     config_fragment: &fragment,
                 },

@@ -10,6 +10,7 @@ use exitlab_proto::vm::Accel;
 use serde::Deserialize;
 
 use crate::error::setup;
+use crate::series::KernelSeries;
 
 /// The most vCPUs the lab gives the L2 VM.
 pub const MAX_L2_VCPUS: u32 = 16;
@@ -40,6 +41,8 @@ pub struct FileConfig {
     pub accel: Option<AccelChoice>,
     /// Seconds a whole run (boot to result) may take.
     pub timeout: Option<u64>,
+    /// The Linux version whose port of the series is built: "6.12" or "6.1".
+    pub kernel_series: Option<KernelSeries>,
     pub kernel_src: Option<PathBuf>,
     pub build_dir: Option<PathBuf>,
     #[serde(default)]
@@ -60,6 +63,7 @@ pub struct VmFileConfig {
 pub struct Overrides {
     pub accel: Option<AccelChoice>,
     pub timeout: Option<u64>,
+    pub kernel_series: Option<KernelSeries>,
     pub kernel_src: Option<PathBuf>,
     pub build_dir: Option<PathBuf>,
     pub l1_vcpus: Option<u32>,
@@ -73,7 +77,8 @@ pub struct Overrides {
 pub struct LabConfig {
     pub accel: AccelChoice,
     pub timeout: Duration,
-    /// None: the distribution's linux-source-6.12 tarball.
+    pub kernel_series: KernelSeries,
+    /// None: the distribution's source tarball of the series (linux-source-6.12, ...).
     pub kernel_src: Option<PathBuf>,
     pub build_dir: PathBuf,
     /// As asked (`--l1-vcpus`, `l1.vcpus`); `None`: [`LabConfig::l1_vcpus`] decides.
@@ -90,7 +95,7 @@ impl FileConfig {
         }
         serde_yaml_ng::from_str(text).map_err(|e| {
             setup(format!(
-                "{}: {e}\n  (keys: accel, timeout, kernel_src, build_dir, l1.vcpus, l1.memory_mib, l2.vcpus, l2.memory_mib; see README.md)",
+                "{}: {e}\n  (keys: accel, timeout, kernel_series, kernel_src, build_dir, l1.vcpus, l1.memory_mib, l2.vcpus, l2.memory_mib; see README.md)",
                 origin.display()
             ))
         })
@@ -134,6 +139,7 @@ impl LabConfig {
         let cfg = LabConfig {
             accel: o.accel.or(file.accel).unwrap_or(AccelChoice::Auto),
             timeout: Duration::from_secs(timeout),
+            kernel_series: o.kernel_series.or(file.kernel_series).unwrap_or_default(),
             kernel_src: o.kernel_src.or(file.kernel_src),
             build_dir: o
                 .build_dir
@@ -260,6 +266,30 @@ mod tests {
         };
         let c = resolve(yaml, o).unwrap();
         assert_eq!((c.l2_vcpus, c.accel), (4, AccelChoice::Kvm));
+    }
+
+    #[test]
+    fn kernel_series_from_file_then_command_line() {
+        assert_eq!(
+            resolve("", Overrides::default()).unwrap().kernel_series,
+            KernelSeries::V6_12
+        );
+        let c = resolve("kernel_series: \"6.1\"\n", Overrides::default()).unwrap();
+        assert_eq!(c.kernel_series, KernelSeries::V6_1);
+        let o = Overrides {
+            kernel_series: Some(KernelSeries::V6_12),
+            ..Default::default()
+        };
+        let c = resolve("kernel_series: \"6.1\"\n", o).unwrap();
+        assert_eq!(c.kernel_series, KernelSeries::V6_12);
+        let e = resolve("kernel_series: 6.1\n", Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("quote it"), "{e}");
+        let e = resolve("kernel_series: \"5.10\"\n", Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("one of 6.12, 6.1"), "{e}");
     }
 
     #[test]

@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::error::setup;
+use crate::series::KernelSeries;
 
 /// Where QEMU's x86 firmware lives on Debian/Ubuntu (QEMU searches these itself; the copy
 /// inside L1 does not, so labctl gathers the files into one `-L` directory).
@@ -12,16 +13,13 @@ pub const FIRMWARE_SEARCH: &[&str] = &[
     "/usr/lib/ipxe/qemu",
 ];
 
-/// The distribution's kernel source tarball (package linux-source-6.12).
-pub const DEFAULT_SOURCE_DIR: &str = "/usr/src";
-pub const SOURCE_PACKAGE: &str = "linux-source-6.12";
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Need {
     Executable(&'static str),
     File(&'static str),
     Firmware(&'static str),
-    KernelSource,
+    /// The distribution's source tarball of a kernel series (`/usr/src/linux-source-6.12.tar.*`).
+    KernelSource(KernelSeries),
 }
 
 pub struct Requirement {
@@ -48,7 +46,12 @@ fn parse_requirement(line: &'static str) -> Result<Requirement, String> {
         Some(("exe", n)) if !n.is_empty() => Need::Executable(n),
         Some(("file", f)) if f.starts_with('/') => Need::File(f),
         Some(("firmware", n)) if !n.is_empty() => Need::Firmware(n),
-        None if need == "kernel-source" => Need::KernelSource,
+        Some(("kernel-source", v)) => Need::KernelSource(
+            KernelSeries::ALL
+                .into_iter()
+                .find(|s| s.name() == v)
+                .ok_or_else(|| format!("{line:?}: no kernel series {v:?}"))?,
+        ),
         _ => return Err(format!("{line:?}: unknown need {need:?}")),
     };
     if rest.is_empty() {
@@ -99,28 +102,12 @@ pub fn find_firmware(name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// The default kernel source: the newest linux-source-6.12 tarball under /usr/src.
-pub fn default_kernel_source() -> Option<PathBuf> {
-    let mut found: Vec<PathBuf> = std::fs::read_dir(DEFAULT_SOURCE_DIR)
-        .ok()?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("linux-source-6.12.tar"))
-        })
-        .collect();
-    found.sort();
-    found.pop()
-}
-
 pub fn present(need: Need) -> Option<PathBuf> {
     match need {
         Need::Executable(n) => which(n),
         Need::File(f) => Path::new(f).is_file().then(|| PathBuf::from(f)),
         Need::Firmware(n) => find_firmware(n),
-        Need::KernelSource => default_kernel_source(),
+        Need::KernelSource(series) => series.default_source(),
     }
 }
 
@@ -129,7 +116,7 @@ fn describe(need: Need) -> String {
         Need::Executable(n) => n.to_string(),
         Need::File(f) => f.to_string(),
         Need::Firmware(n) => format!("QEMU firmware {n}"),
-        Need::KernelSource => format!("{DEFAULT_SOURCE_DIR}/linux-source-6.12.tar.*"),
+        Need::KernelSource(series) => series.default_source_glob(),
     }
 }
 
@@ -209,6 +196,28 @@ pub fn report() -> bool {
             missing.push(r);
         }
     }
+    println!("\nkernel series (--kernel-series):");
+    for k in KernelSeries::ALL {
+        let i = k.info();
+        println!(
+            "  {:<5} {:<11} source {:<36} {}{}",
+            i.name,
+            i.dir,
+            k.default_source().map_or_else(
+                || format!("MISSING {}", k.default_source_glob()),
+                |p| p.display().to_string()
+            ),
+            i.nixpkgs_attr.map_or_else(
+                || "not in flake.nix".to_string(),
+                |a| format!("flake.nix: nixpkgs {a}")
+            ),
+            if k == KernelSeries::default() {
+                " (default)"
+            } else {
+                ""
+            }
+        );
+    }
     if missing.is_empty() {
         println!("\nEverything the lab needs is present.");
         true
@@ -254,7 +263,13 @@ mod tests {
         ] {
             assert!(exes.contains(&exe), "{exe} missing from scripts/deps.list");
         }
-        assert!(reqs.iter().any(|r| r.need == Need::KernelSource));
+        for series in KernelSeries::ALL {
+            assert!(
+                reqs.iter().any(|r| r.need == Need::KernelSource(series)
+                    && r.package == series.info().source_package),
+                "{series}"
+            );
+        }
         assert!(reqs
             .iter()
             .all(|r| !r.package.is_empty() && !r.why.is_empty()));

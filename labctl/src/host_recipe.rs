@@ -30,6 +30,7 @@ use crate::images::{self, ImageFile};
 use crate::kernel::KernelDirs;
 use crate::progress::{self, Progress};
 use crate::scenario::{self, Lab, ProgramRun};
+use crate::series::KernelSeries;
 use crate::verify::Check;
 
 /// The Debian kernels the recipe can be run on.
@@ -166,7 +167,7 @@ fn build_modules(lab: &Lab, dir: &Path, root: &Path, pair: &Pair) -> Result<Buil
         .cfg
         .kernel_src
         .clone()
-        .or_else(doctor::default_kernel_source)
+        .or_else(|| KernelSeries::V6_12.default_source())
         .ok_or_else(|| {
             setup("no /usr/src/linux-source-6.12.tar.*: apt-get install linux-source-6.12")
         })?;
@@ -185,7 +186,7 @@ fn build_modules(lab: &Lab, dir: &Path, root: &Path, pair: &Pair) -> Result<Buil
         .arg("--symvers")
         .arg(root.join(format!("usr/src/linux-headers-{r}/Module.symvers")))
         .arg("--patches")
-        .arg(lab.repo.join("kernel/patches"))
+        .arg(lab.repo.join("kernel/6.12/patches"))
         .arg("--dir")
         .arg(&work);
     let status = progress::run_logged(c, &log, "recipe")?;
@@ -307,11 +308,10 @@ fn image(
         Some(d) => d.clone(),
         None => images::build_guest(&lab.repo, &lab.cfg.build_dir)?,
     };
-    let selftest = lab
-        .artifacts
-        .selftest
-        .clone()
-        .unwrap_or_else(|| KernelDirs::new(&lab.cfg.build_dir).selftest());
+    let selftest =
+        lab.artifacts.selftest.clone().unwrap_or_else(|| {
+            KernelDirs::new(&lab.cfg.build_dir, lab.cfg.kernel_series).selftest()
+        });
     let mut files = images::l1_files(&p.kernel, &guest, &selftest)?;
     let mut staged = Vec::new();
     walk(stage, &mut staged)?;
@@ -487,8 +487,14 @@ pub fn recipe_checks(l1: &[ProgramRun], release: &str, l1_kernel: Option<&str>) 
 pub fn run(lab: &Lab, kernel: DebianKernel) -> Result<i32> {
     if kernel == DebianKernel::Debian61 {
         return Err(setup(
-            "--distro debian-6.1: the patch series applies to Linux 6.12 only; it has no 6.1 port yet. Use --distro debian-6.12",
+            "--distro debian-6.1: the series has a 6.1 port (kernel/6.1, `labctl lab --kernel-series 6.1`), but the recipe does not run on Debian's 6.1 kernel yet. Use --distro debian-6.12",
         ));
+    }
+    if lab.cfg.kernel_series != KernelSeries::V6_12 {
+        return Err(setup(format!(
+            "--kernel-series {}: the recipe runs on Debian's 6.12 kernel, with the 6.12 series; leave --kernel-series out",
+            lab.cfg.kernel_series
+        )));
     }
     doctor::require(&[
         Need::Executable("apt-get"),
@@ -498,7 +504,7 @@ pub fn run(lab: &Lab, kernel: DebianKernel) -> Result<i32> {
         Need::Executable("kmod"),
         Need::Executable("dash"),
         Need::Executable("pahole"),
-        Need::KernelSource,
+        Need::KernelSource(KernelSeries::V6_12),
     ])?;
     let sh = Shell::new()?;
     let p = lab.build()?;

@@ -18,7 +18,7 @@ use crate::verify::Check;
 /// The upstream tests that can run in the lab's L1 (KVM on emulated SVM, no Xen, no PMU
 /// passthrough), and that touch what the series changes: binary stats, CPUID, the
 /// run loop; and the lab's own check of its emulator workaround
-/// (`kernel/lab-patches`): an interrupt pending across `sti; hlt` wakes the HLT.
+/// (`kernel/6.12/lab-patches`): an interrupt pending across `sti; hlt` wakes the HLT.
 pub const DEFAULT_TESTS: [&str; 7] = [
     "kvm_binary_stats_test",
     "x86_64/cpuid_test",
@@ -125,7 +125,7 @@ struct Summary {
 /// Builds `tests`, runs them on the patched kernel and, if given, on `baseline`.
 pub fn run(lab: &Lab, tests: &[String], baseline: Option<&Path>) -> Result<i32> {
     let p = lab.build()?;
-    let dirs = KernelDirs::new(&lab.cfg.build_dir);
+    let dirs = KernelDirs::new(&lab.cfg.build_dir, lab.cfg.kernel_series);
     for t in tests {
         validate(&dirs.src(), t)?;
     }

@@ -22,6 +22,7 @@ mod progress;
 mod record;
 mod report;
 mod scenario;
+mod series;
 mod soak;
 mod turnaround;
 mod verify;
@@ -44,7 +45,7 @@ struct Cli {
     /// Lab configuration file (default: ./lab.yaml if it exists).
     #[arg(long, global = true, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// The kvm-exit-lab repository (kernel/patches, kernel/lab.config, guest sources).
+    /// The kvm-exit-lab repository (kernel/<series>/patches, kernel/lab.config, guest sources).
     #[arg(long, global = true, value_name = "DIR", env = "LABCTL_REPO")]
     repo: Option<PathBuf>,
     #[command(subcommand)]
@@ -106,7 +107,12 @@ struct CommonArgs {
     /// Memory of L1 (MiB, or with M/G).
     #[arg(long, value_name = "SIZE", value_parser = config::parse_memory)]
     l1_memory: Option<u32>,
-    /// Kernel source: a Linux 6.12 tree or tarball (default: /usr/src/linux-source-6.12.tar.*).
+    /// The Linux version to build the lab's kernel from: its port of the patch series
+    /// (kernel/<version>/) and its source (default: 6.12, or lab.yaml's kernel_series).
+    #[arg(long, value_enum, value_name = "VERSION")]
+    kernel_series: Option<series::KernelSeries>,
+    /// Kernel source: a tree or tarball of the series' version (default:
+    /// /usr/src/linux-source-<version>.tar.*, e.g. linux-source-6.12).
     #[arg(long, value_name = "DIR|TARBALL")]
     kernel_src: Option<PathBuf>,
     /// Where builds, images and run logs go (default: <repo>/build).
@@ -364,6 +370,7 @@ fn lab_from(cli_config: Option<PathBuf>, repo: Option<PathBuf>, a: LabArgs) -> a
         Overrides {
             accel: a.accel,
             timeout: a.timeout,
+            kernel_series: a.kernel_series,
             kernel_src: a.kernel_src,
             build_dir: a.build_dir,
             l1_vcpus: a.l1_vcpus,
@@ -426,7 +433,9 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             if let Some(b) = p.build {
                 println!(
                     "info:   {}",
-                    kernel::KernelDirs::new(&lab.cfg.build_dir).info().display()
+                    kernel::KernelDirs::new(&lab.cfg.build_dir, lab.cfg.kernel_series)
+                        .info()
+                        .display()
                 );
                 println!(
                     "Linux {} + {} patches from {}",
@@ -440,8 +449,8 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::KernelCheck(a) => {
             let lab = lab_from(cli.config, cli.repo, a)?;
             lab.build()?;
-            let dirs = kernel::KernelDirs::new(&lab.cfg.build_dir);
-            let patches = kernel::lab_kernel_patches(&lab.repo)?;
+            let dirs = kernel::KernelDirs::new(&lab.cfg.build_dir, lab.cfg.kernel_series);
+            let patches = kernel::lab_kernel_patches(&lab.repo, lab.cfg.kernel_series)?;
             let results = kernel::quality_gate(&dirs, &patches)?;
             for r in &results {
                 println!("{} {}", if r.ok { "ok  " } else { "FAIL" }, r.name);

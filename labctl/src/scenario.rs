@@ -94,12 +94,13 @@ impl Lab {
         let (kernel, selftest, build) = match (&self.artifacts.kernel, &self.artifacts.selftest) {
             (Some(k), Some(s)) => (k.clone(), s.clone(), None),
             _ => {
-                let dirs = KernelDirs::new(&self.cfg.build_dir);
+                let dirs = KernelDirs::new(&self.cfg.build_dir, self.cfg.kernel_series);
                 let info = kernel::build(
                     &dirs,
                     &KernelInputs {
+                        series: self.cfg.kernel_series,
                         source: self.cfg.kernel_src.as_deref(),
-                        patches: kernel::lab_kernel_patches(&self.repo)?,
+                        patches: kernel::lab_kernel_patches(&self.repo, self.cfg.kernel_series)?,
                         selftest: true,
                         config_fragment: &self.repo.join("kernel/lab.config"),
                     },
@@ -107,7 +108,9 @@ impl Lab {
                 (
                     self.artifacts.kernel.clone().unwrap_or(dirs.bzimage()),
                     self.artifacts.selftest.clone().unwrap_or(dirs.selftest()),
-                    Some(info),
+                    // Built only for the selftest, a prebuilt --kernel boots instead: the
+                    // results must not describe the built one as the kernel that ran.
+                    self.artifacts.kernel.is_none().then_some(info),
                 )
             }
         };

@@ -187,7 +187,7 @@ pub fn turnaround(lab: &Lab, req: &TurnaroundRequest) -> Result<i32> {
     ));
 
     // The edit-and-rerun loop: a KVM source file newer than the last build.
-    let x86 = KernelDirs::new(&lab.cfg.build_dir)
+    let x86 = KernelDirs::new(&lab.cfg.build_dir, lab.cfg.kernel_series)
         .src()
         .join("arch/x86/kvm/x86.c");
     let touch_s = if x86.is_file() {

@@ -336,9 +336,9 @@ fn run_kernel_recipe(scratch: &Path, without: &[&str]) -> std::process::Output {
     let farm = scratch.join("bin");
     path_farm(&farm, &packages, &aliases);
 
-    // The patches in the order the flake lists them: kernel/patches, then kernel/lab-patches.
+    // The patches in the order the flake lists them: kernel/6.12/patches, then kernel/6.12/lab-patches.
     let mut patches = Vec::new();
-    for dir in ["kernel/patches", "kernel/lab-patches"] {
+    for dir in ["kernel/6.12/patches", "kernel/6.12/lab-patches"] {
         let mut p: Vec<PathBuf> = std::fs::read_dir(repo().join(dir))
             .unwrap()
             .flatten()

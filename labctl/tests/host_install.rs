@@ -66,7 +66,7 @@ fn the_readmes_recipe_is_the_scripts_dry_run() {
         "README.md's recipe differs from the script's --dry-run: regenerate the block"
     );
     // Every patch of the series is applied, in order.
-    let patches: Vec<String> = std::fs::read_dir(repo().join("kernel/patches"))
+    let patches: Vec<String> = std::fs::read_dir(repo().join("kernel/6.12/patches"))
         .unwrap()
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())

@@ -101,7 +101,7 @@ impl VmStats {
 
 /// Host-side name of the per-vCPU exit counter (upstream KVM).
 pub const STAT_EXITS: &str = "exits";
-/// Host-side name of the per-vCPU exit-cycles counter (added by kernel/patches).
+/// Host-side name of the per-vCPU exit-cycles counter (added by kernel/6.12/patches).
 pub const STAT_EXIT_CYCLES: &str = "exit_cycles";
 
 /// The per-vCPU arrays of the patched KVM's binary statistics: exits and cycles per slot
