@@ -2,11 +2,13 @@
 //! Debian host (`scripts/host-install`), run end to end on Debian's own kernel without
 //! touching this host:
 //!
-//! 1. **fetch**: Debian's kernel whose version is the installed `linux-source-6.12`'s
-//!    (the pair a student's machine has after `apt-get install linux-source-6.12` on the
-//!    kernel it runs), its headers (`Module.symvers`) and busybox-static, with
+//! 1. **fetch**: Debian's kernel whose version is the installed `linux-source-6.12`'s (or
+//!    `linux-source-6.1`'s: Debian 12's `linux-image-6.1.0-ABI-amd64` of that version),
+//!    the pair a student's machine has after `apt-get install linux-source-X.Y` on the
+//!    kernel it runs, its headers (`Module.symvers`) and busybox-static, with
 //!    `apt-get download`, unpacked with `dpkg-deb -x`, never installed;
-//! 2. **build**: `host-install build` against that kernel's `/boot/config-*` and symbols;
+//! 2. **build**: `host-install build` of the series' port to that version
+//!    (`kernel/6.12`, `kernel/6.1`) against the kernel's `/boot/config-*` and symbols;
 //! 3. **image**: the lab's L1 files plus Debian's KVM modules and what they depend on
 //!    (`depmod`ed as on a real system), Debian's kmod (modprobe, insmod), a busybox shell,
 //!    the recipe and the modules it built;
@@ -39,9 +41,19 @@ pub enum DebianKernel {
     /// Debian 12's linux-6.12 (linux-image-6.12.*+deb12-amd64), the series' own version.
     #[value(name = "debian-6.12")]
     Debian612,
-    /// Debian 12's default linux-6.1: needs the series' 6.1 port, which does not exist yet.
+    /// Debian 12's default linux-6.1 (linux-image-6.1.0-NN-amd64), with the series' 6.1 port.
     #[value(name = "debian-6.1")]
     Debian61,
+}
+
+impl DebianKernel {
+    /// The series whose port the recipe builds for this kernel.
+    pub fn series(self) -> KernelSeries {
+        match self {
+            DebianKernel::Debian612 => KernelSeries::V6_12,
+            DebianKernel::Debian61 => KernelSeries::V6_1,
+        }
+    }
 }
 
 /// Where the recipe and its build sit inside L1, as in a student's home directory.
@@ -86,30 +98,83 @@ pub fn parse_versions(apt_cache_show: &str) -> Vec<String> {
         .collect()
 }
 
-fn pair(sh: &Shell) -> Result<Pair> {
+/// Debian 12's 6.1 kernels are released under an ABI number (`linux-image-6.1.0-56-amd64`,
+/// version `6.1.192-2`): the release of the candidate whose versions include `version`,
+/// the newest ABI first.
+pub fn release_among(version: &str, candidates: &[(String, Vec<String>)]) -> Option<String> {
+    let abi = |name: &str| {
+        name.trim_end_matches("-amd64")
+            .rsplit('-')
+            .next()
+            .and_then(|n| n.parse::<u32>().ok())
+            .unwrap_or(0)
+    };
+    let mut c: Vec<&(String, Vec<String>)> = candidates.iter().collect();
+    c.sort_by_key(|(name, _)| std::cmp::Reverse(abi(name)));
+    c.into_iter()
+        .find(|(_, versions)| versions.iter().any(|v| v == version))
+        .and_then(|(name, _)| name.strip_prefix("linux-image-").map(str::to_string))
+}
+
+fn pair(sh: &Shell, kernel: DebianKernel) -> Result<Pair> {
+    let package = kernel.series().info().source_package;
     let format = "-f=${Version}";
-    let version = cmd!(sh, "dpkg-query -W {format} linux-source-6.12")
+    let version = cmd!(sh, "dpkg-query -W {format} {package}")
         .quiet()
         .ignore_stderr()
         .read()
         .map_err(|_| {
-            setup("linux-source-6.12 is not installed: apt-get install linux-source-6.12 (scripts/install-deps does)")
+            setup(format!(
+                "{package} is not installed: apt-get install {package} (scripts/install-deps does)"
+            ))
         })?;
-    let release = release_of(&version).map_err(setup)?;
-    let image = format!("linux-image-{release}");
-    let listed = cmd!(sh, "apt-cache show {image}")
-        .quiet()
-        .ignore_stderr()
-        .read()
-        .unwrap_or_default();
-    let versions = parse_versions(&listed);
-    if !versions.contains(&version) {
-        return Err(setup(format!(
-            "Debian's archive has no {image} at {version}, the version of the installed linux-source-6.12 \
-             (it lists {versions:?}): run `apt-get update`, or `apt-get install linux-source-6.12` to get \
+    let show = |image: &str| {
+        cmd!(sh, "apt-cache show {image}")
+            .quiet()
+            .ignore_stderr()
+            .read()
+            .unwrap_or_default()
+    };
+    let no_image = |image: &str, versions: &[String]| {
+        setup(format!(
+            "Debian's archive has no {image} at {version}, the version of the installed {package} \
+             (it lists {versions:?}): run `apt-get update`, or `apt-get install {package}` to get \
              the source of the newest kernel"
-        )));
-    }
+        ))
+    };
+    let release = match kernel {
+        DebianKernel::Debian612 => {
+            let release = release_of(&version).map_err(setup)?;
+            let image = format!("linux-image-{release}");
+            let versions = parse_versions(&show(&image));
+            if !versions.contains(&version) {
+                return Err(no_image(&image, &versions));
+            }
+            release
+        }
+        DebianKernel::Debian61 => {
+            let pattern = r"^linux-image-6\.1\.0-[0-9]+-amd64$";
+            let names = cmd!(sh, "apt-cache search --names-only {pattern}")
+                .quiet()
+                .ignore_stderr()
+                .read()
+                .unwrap_or_default();
+            let candidates: Vec<(String, Vec<String>)> = names
+                .lines()
+                .filter_map(|l| l.split_whitespace().next())
+                .map(|n| (n.to_string(), parse_versions(&show(n))))
+                .collect();
+            release_among(&version, &candidates).ok_or_else(|| {
+                no_image(
+                    "linux-image-6.1.0-*-amd64",
+                    &candidates
+                        .iter()
+                        .flat_map(|(_, v)| v.clone())
+                        .collect::<Vec<_>>(),
+                )
+            })?
+        }
+    };
     Ok(Pair { version, release })
 }
 
@@ -162,15 +227,20 @@ struct Built {
 }
 
 /// Runs the recipe's build step.
-fn build_modules(lab: &Lab, dir: &Path, root: &Path, pair: &Pair) -> Result<Built> {
-    let source = lab
-        .cfg
-        .kernel_src
-        .clone()
-        .or_else(|| KernelSeries::V6_12.default_source())
-        .ok_or_else(|| {
-            setup("no /usr/src/linux-source-6.12.tar.*: apt-get install linux-source-6.12")
-        })?;
+fn build_modules(
+    lab: &Lab,
+    series: KernelSeries,
+    dir: &Path,
+    root: &Path,
+    pair: &Pair,
+) -> Result<Built> {
+    let source = series.default_source().ok_or_else(|| {
+        setup(format!(
+            "no {}: apt-get install {}",
+            series.default_source_glob(),
+            series.info().source_package
+        ))
+    })?;
     let r = &pair.release;
     let work = dir.join("work");
     let log = dir.join("build.log");
@@ -186,7 +256,7 @@ fn build_modules(lab: &Lab, dir: &Path, root: &Path, pair: &Pair) -> Result<Buil
         .arg("--symvers")
         .arg(root.join(format!("usr/src/linux-headers-{r}/Module.symvers")))
         .arg("--patches")
-        .arg(lab.repo.join("kernel/6.12/patches"))
+        .arg(series.patches_dir(&lab.repo))
         .arg("--dir")
         .arg(&work);
     let status = progress::run_logged(c, &log, "recipe")?;
@@ -424,10 +494,16 @@ pub fn recipe_checks(l1: &[ProgramRun], release: &str, l1_kernel: Option<&str>) 
     let show = |p: &ProgramRun| {
         let text = format!("{}{}", p.stdout, p.stderr);
         let t = text.trim();
+        // The recipe's own message if it gave one, wherever it is: a shell's or the
+        // kernel's lines can follow it.
         if t.is_empty() {
             "no output".to_string()
         } else {
-            t.lines().last().unwrap_or_default().to_string()
+            t.lines()
+                .find(|l| l.contains("host-install: error:"))
+                .or_else(|| t.lines().last())
+                .unwrap_or_default()
+                .to_string()
         }
     };
     let mut c = vec![Check::new(
@@ -485,17 +561,9 @@ pub fn recipe_checks(l1: &[ProgramRun], release: &str, l1_kernel: Option<&str>) 
 
 /// `labctl host-recipe`.
 pub fn run(lab: &Lab, kernel: DebianKernel) -> Result<i32> {
-    if kernel == DebianKernel::Debian61 {
-        return Err(setup(
-            "--distro debian-6.1: the series has a 6.1 port (kernel/6.1, `labctl lab --kernel-series 6.1`), but the recipe does not run on Debian's 6.1 kernel yet. Use --distro debian-6.12",
-        ));
-    }
-    if lab.cfg.kernel_series != KernelSeries::V6_12 {
-        return Err(setup(format!(
-            "--kernel-series {}: the recipe runs on Debian's 6.12 kernel, with the 6.12 series; leave --kernel-series out",
-            lab.cfg.kernel_series
-        )));
-    }
+    // The recipe builds the port of the Debian kernel's own version; --kernel-series
+    // only chooses the lab's kernel, which L2 runs.
+    let series = kernel.series();
     doctor::require(&[
         Need::Executable("apt-get"),
         Need::Executable("dpkg-deb"),
@@ -504,22 +572,24 @@ pub fn run(lab: &Lab, kernel: DebianKernel) -> Result<i32> {
         Need::Executable("kmod"),
         Need::Executable("dash"),
         Need::Executable("pahole"),
-        Need::KernelSource(KernelSeries::V6_12),
+        Need::KernelSource(series),
     ])?;
     let sh = Shell::new()?;
     let p = lab.build()?;
-    let pair = pair(&sh)?;
+    let pair = pair(&sh, kernel)?;
     progress::note(
         "recipe",
         format!(
-            "Debian's kernel {} pairs with linux-source-6.12 {}",
-            pair.release, pair.version
+            "Debian's kernel {} pairs with {} {}",
+            pair.release,
+            series.info().source_package,
+            pair.version
         ),
     );
     let dir = lab.cfg.build_dir.join("host-recipe").join(&pair.release);
     fs::create_dir_all(&dir)?;
     let root = fetch(&sh, &dir, &pair)?;
-    let built = build_modules(lab, &dir, &root, &pair)?;
+    let built = build_modules(lab, series, &dir, &root, &pair)?;
     let stage = stage_modules(&sh, &dir, &root, &pair.release)?;
     let image = image(lab, &sh, &p, &stage, &root, &built)?;
     let debian = scenario::Prepared {
@@ -553,6 +623,26 @@ pub fn run(lab: &Lab, kernel: DebianKernel) -> Result<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debian_61_release_is_the_abi_package_of_the_sources_version() {
+        let c = |n: &str, v: &[&str]| (n.to_string(), v.iter().map(|s| s.to_string()).collect());
+        let candidates = vec![
+            c("linux-image-6.1.0-54-amd64", &["6.1.190-1"]),
+            c("linux-image-6.1.0-56-amd64", &["6.1.192-2"]),
+            c("linux-image-6.1.0-55-amd64", &["6.1.192-1"]),
+        ];
+        assert_eq!(
+            release_among("6.1.192-2", &candidates).as_deref(),
+            Some("6.1.0-56-amd64")
+        );
+        assert_eq!(
+            release_among("6.1.192-1", &candidates).as_deref(),
+            Some("6.1.0-55-amd64")
+        );
+        assert_eq!(release_among("6.1.200-1", &candidates), None);
+        assert_eq!(release_among("6.1.192-2", &[]), None);
+    }
 
     #[test]
     fn debian_release_of_a_source_version() {

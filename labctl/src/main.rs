@@ -298,9 +298,9 @@ struct RecordArgs {
 struct HostRecipeArgs {
     #[command(flatten)]
     lab: LabArgs,
-    /// Debian's kernel to run the recipe on: the one of the installed linux-source-6.12's
-    /// version (6.1 needs the series' 6.1 port, which does not exist yet).
-    /// (`--kernel` is the lab's own patched bzImage, which L2 boots here.)
+    /// Debian's kernel to run the recipe on: the one of the installed
+    /// linux-source-6.12's (or -6.1's) version, with the series' port to it.
+    /// (`--kernel` and `--kernel-series` are the lab's own kernel, which L2 boots here.)
     #[arg(long, value_enum, default_value = "debian-6.12")]
     distro: host_recipe::DebianKernel,
 }

@@ -144,6 +144,69 @@ fn a_source_of_another_version_is_refused_before_the_build() {
 
 /// A kernel with BTF and no pahole: olddefconfig would drop BTF and the modules' struct
 /// module would not be the kernel's (the lab measured "Invalid relocation target").
+/// Debian's 6.1 kernels are Linux 6.1.N released as 6.1.0-ABI-amd64: the version the
+/// source must have is the one in the kernel's headers (include/config/kernel.release).
+#[test]
+fn a_debian_61_kernel_is_checked_against_its_headers_version() {
+    let source = PathBuf::from("/usr/src/linux-source-6.1.tar.xz");
+    assert!(
+        source.is_file(),
+        "{} is missing: scripts/install-deps installs linux-source-6.1",
+        source.display()
+    );
+    let d = scratch("deb61");
+    let headers = d.join("linux-headers-6.1.0-54-amd64");
+    std::fs::create_dir_all(headers.join("include/config")).unwrap();
+    std::fs::write(headers.join("include/config/kernel.release"), "6.1.190\n").unwrap();
+    std::fs::write(headers.join("Module.symvers"), "").unwrap();
+    std::fs::write(d.join("config"), "CONFIG_KVM=m\n").unwrap();
+    let arg = |p: &Path| p.to_str().unwrap().to_string();
+    let args = [
+        "build".to_string(),
+        "--release".into(),
+        "6.1.0-54-amd64".into(),
+        "--source".into(),
+        arg(&source),
+        "--config".into(),
+        arg(&d.join("config")),
+        "--symvers".into(),
+        arg(&headers.join("Module.symvers")),
+        "--dir".into(),
+        arg(&d.join("work")),
+    ];
+    let o = host_install(&args.iter().map(String::as_str).collect::<Vec<_>>(), None);
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(
+        e.contains("is Linux 6.1.192, but the kernel 6.1.0-54-amd64 is 6.1.190"),
+        "{e}"
+    );
+    assert!(e.contains("Nothing was built"), "{e}");
+    assert!(!d.join("work").exists(), "the build started anyway");
+    // Its dry run applies the 6.1 port, and gives make the whole release.
+    let o = host_install(
+        &[
+            "--dry-run",
+            "build",
+            "--release",
+            "6.1.0-54-amd64",
+            "--symvers",
+            headers.join("Module.symvers").to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("is Linux 6.1.190 (its Makefile"), "{out}");
+    assert!(out.contains("kernel/6.1/patches/0001-"), "{out}");
+    assert!(
+        out.contains("KERNELRELEASE=6.1.0-54-amd64 modules_prepare"),
+        "{out}"
+    );
+    assert!(!out.contains("LOCALVERSION"), "{out}");
+    std::fs::remove_dir_all(d).unwrap();
+}
+
 #[test]
 fn a_btf_kernel_without_pahole_is_refused_before_the_build() {
     let d = scratch("pahole");

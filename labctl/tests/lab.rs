@@ -1441,8 +1441,45 @@ fn compare_paging_shows_what_shadow_paging_changes() {
 #[test]
 fn host_recipe_runs_the_readmes_recipe_on_debians_kernel() {
     let _g = lab_lock();
-    let o = boot(&["host-recipe"]);
-    assert_eq!(code(&o), 0, "labctl host-recipe failed");
+    let (o, release) = host_recipe_on("debian-6.12");
+    assert!(release.ends_with("+deb12-amd64"), "{release}");
+    let out = stdout(&o);
+    assert!(out.contains("is in use"), "the refusal's message is shown");
+    assert!(out.contains("+ insmod "), "the recipe's steps are shown");
+    // The build's steps are progress lines (stderr).
+    let err = stderr(&o);
+    assert!(err.contains("LOCALVERSION=+deb12-amd64"), "{err}");
+    host_recipe_modules_refused_here(&release);
+}
+
+/// Debian 12's default kernel, 6.1 (released as 6.1.0-ABI-amd64), with the series' 6.1
+/// port: the same recipe and checks.
+#[test]
+fn host_recipe_runs_on_debians_6_1_kernel() {
+    let _g = lab_lock();
+    let (o, release) = host_recipe_on("debian-6.1");
+    assert!(
+        release.starts_with("6.1.0-") && release.ends_with("-amd64"),
+        "{release}"
+    );
+    assert!(
+        stdout(&o).contains("is in use"),
+        "the refusal's message is shown"
+    );
+    let err = stderr(&o);
+    assert!(
+        err.contains("kernel/6.1/patches/0001-"),
+        "the 6.1 port is applied: {err}"
+    );
+    assert!(err.contains(&format!("KERNELRELEASE={release}")), "{err}");
+    host_recipe_modules_refused_here(&release);
+}
+
+/// `labctl host-recipe --distro <distro>`: every check passes; returns the run and the
+/// release L1 ran.
+fn host_recipe_on(distro: &str) -> (Output, String) {
+    let o = boot(&["host-recipe", "--distro", distro]);
+    assert_eq!(code(&o), 0, "labctl host-recipe --distro {distro} failed");
     let y = results(&o);
     let checks = y["checks"].as_sequence().unwrap();
     let names: Vec<_> = checks.iter().map(|c| c["name"].as_str().unwrap()).collect();
@@ -1466,14 +1503,14 @@ fn host_recipe_runs_the_readmes_recipe_on_debians_kernel() {
     assert!(r[1].exits > r[0].exits && r[0].exits > 0, "{r:?}");
     // L1 ran Debian's kernel, whose release the recipe built for.
     let l1 = y["l1"]["kernel"].as_str().unwrap();
-    let release = l1.split_whitespace().next().unwrap();
-    assert!(release.ends_with("+deb12-amd64"), "{l1}");
+    let release = l1.split_whitespace().next().unwrap().to_string();
     assert!(l1.contains("Debian"), "{l1}");
-    let out = stdout(&o);
-    assert!(out.contains("is in use"), "the refusal's message is shown");
-    assert!(out.contains("+ insmod "), "the recipe's steps are shown");
+    (o, release)
+}
 
-    // The same modules on this host: a kernel of another release is running.
+/// The modules the recipe built for `release`, on this host: a kernel of another
+/// release is running, and the recipe refuses them before unloading anything.
+fn host_recipe_modules_refused_here(release: &str) {
     let running = Command::new("uname").arg("-r").output().unwrap();
     let running = String::from_utf8_lossy(&running.stdout).trim().to_string();
     assert_ne!(
