@@ -8,10 +8,9 @@
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::ExitStatusExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -24,7 +23,7 @@ use exitlab_proto::job::{Job, Level, Step, VmJob, FILES_DIR, JOB_PATH};
 use exitlab_proto::msg::{
     reason_updates, sample_values, Msg, ReasonTotals, Status, Stream, SAMPLED_STATS, STAT_EXITS,
 };
-use exitlab_proto::vm::{self, Accel, Chardev, Ports, VmSpec};
+use exitlab_proto::vm::{self, Accel, Chardev, CpuVirt, Ports, VmSpec};
 use nix::mount::{mount, MsFlags};
 use nix::sys::reboot::{reboot, RebootMode};
 
@@ -153,11 +152,7 @@ pub fn hello(level: Level) -> Msg {
             )
         })
         .unwrap_or_default();
-    let cpuid = raw_cpuid::CpuId::new();
-    let vmx = cpuid.get_feature_info().is_some_and(|f| f.has_vmx());
-    let svm = cpuid
-        .get_extended_processor_and_feature_identifiers()
-        .is_some_and(|f| f.has_svm());
+    let CpuVirt { vmx, svm } = CpuVirt::probe();
     Msg::Hello {
         level,
         kernel,
@@ -290,16 +285,20 @@ fn write_l2_initrd(vm: &VmJob) -> Result<()> {
         let name = e.file_name().to_string_lossy().into_owned();
         w.file_from(&format!("guest/{name}"), 0o755, &e.path())?;
     }
-    for name in &vm.files {
-        let src = Path::new("/").join(FILES_DIR).join(name);
-        let mode = fs::metadata(&src)
-            .with_context(|| format!("file {name} for L2"))?
-            .permissions()
-            .mode();
-        w.file_from(&format!("{FILES_DIR}/{name}"), mode, &src)?;
-    }
-    w.dir(FILES_DIR)?;
-    w.file(JOB_PATH, 0o644, vm.job.to_json().as_bytes())?;
+    let srcs: Vec<PathBuf> = vm
+        .files
+        .iter()
+        .map(|name| Path::new("/").join(FILES_DIR).join(name))
+        .collect();
+    let files: Vec<(String, &Path)> = vm
+        .files
+        .iter()
+        .cloned()
+        .zip(srcs.iter().map(PathBuf::as_path))
+        .collect();
+    vm.job
+        .write_into(&mut w, &files)
+        .context("the L2 job and its files")?;
     w.finish()?.flush()?;
     Ok(())
 }

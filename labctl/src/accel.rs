@@ -4,7 +4,7 @@
 use std::fs::OpenOptions;
 use std::os::fd::AsRawFd;
 
-use exitlab_proto::vm::Accel;
+use exitlab_proto::vm::{Accel, CpuVirt};
 
 use crate::config::AccelChoice;
 use crate::error::setup;
@@ -67,11 +67,7 @@ fn read_nested() -> Option<bool> {
 
 impl HostFacts {
     pub fn probe() -> Self {
-        let id = raw_cpuid::CpuId::new();
-        let vmx = id.get_feature_info().is_some_and(|f| f.has_vmx());
-        let svm = id
-            .get_extended_processor_and_feature_identifiers()
-            .is_some_and(|f| f.has_svm());
+        let CpuVirt { vmx, svm } = CpuVirt::probe();
         HostFacts {
             vmx,
             svm,

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use exitlab_proto::cpio::CpioWriter;
-use exitlab_proto::job::{Job, FILES_DIR, JOB_PATH};
+use exitlab_proto::job::Job;
 use exitlab_proto::vm::{l1, FIRMWARE};
 use xshell::{cmd, Shell};
 
@@ -306,12 +306,11 @@ pub fn run_initrd(base: &Path, job: &Job, files: &[UserFile], out: &Path) -> Res
     let mut out_f = BufWriter::new(fs::File::create(out)?);
     std::io::copy(&mut fs::File::open(base)?, &mut out_f)?;
     let mut w = CpioWriter::new(out_f);
-    w.dir(FILES_DIR)?;
-    for f in files {
-        let mode = fs::metadata(&f.path)?.permissions().mode();
-        w.file_from(&format!("{FILES_DIR}/{}", f.name), mode, &f.path)?;
-    }
-    w.file(JOB_PATH, 0o644, job.to_json().as_bytes())?;
+    let files: Vec<(String, &Path)> = files
+        .iter()
+        .map(|f| (f.name.clone(), f.path.as_path()))
+        .collect();
+    job.write_into(&mut w, &files)?;
     w.finish()?.flush()?;
     Ok(())
 }

@@ -3,6 +3,11 @@
 //! A job travels as `/lab/job.json` inside the VM's initramfs; files it needs travel as
 //! `/lab/files/<name>` next to it. The image's init (PID 1) runs the steps in order.
 
+use std::io::{self, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use crate::cpio::{CpioError, CpioWriter};
 use crate::vm::Machine;
 use serde::{Deserialize, Serialize};
 
@@ -130,6 +135,23 @@ impl Job {
         serde_json::to_string_pretty(self).expect("jobs always serialize")
     }
 
+    /// Writes the job and the files it runs with into an image: each `(name, source)` as
+    /// `lab/files/<name>` with the source's mode, then `lab/job.json`. labctl appends a
+    /// run's job to L1's image so, and L1's init writes L2's.
+    pub fn write_into<W: Write>(
+        &self,
+        w: &mut CpioWriter<W>,
+        files: &[(String, &Path)],
+    ) -> Result<(), CpioError> {
+        w.dir(FILES_DIR)?;
+        for (name, src) in files {
+            let named = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", src.display()));
+            let mode = std::fs::metadata(src).map_err(named)?.permissions().mode();
+            w.file_from(&format!("{FILES_DIR}/{name}"), mode, src)?;
+        }
+        w.file(JOB_PATH, 0o644, self.to_json().as_bytes())
+    }
+
     /// Parses and validates a job delivered to a VM at `level`.
     pub fn parse(text: &str, level: Level) -> Result<Job, JobError> {
         let job: Job = serde_json::from_str(text)?;
@@ -221,6 +243,39 @@ mod tests {
                 record: Some(Recording { interval_ms: 50 }),
             })],
         }
+    }
+
+    #[test]
+    fn a_job_and_its_files_go_into_the_image_with_their_modes() {
+        let dir = std::env::temp_dir().join(format!("job-img-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let prog = dir.join("prog");
+        std::fs::write(&prog, b"#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&prog, std::fs::Permissions::from_mode(0o750)).unwrap();
+        let job = lab_job();
+        let mut w = CpioWriter::new(Vec::new());
+        job.write_into(&mut w, &[("mytest".into(), prog.as_path())])
+            .unwrap();
+        let entries = crate::cpio::read_entries(&w.finish().unwrap()).unwrap();
+        let find = |n: &str| entries.iter().find(|e| e.name == n).unwrap();
+        assert_eq!(find(FILES_DIR).mode & 0o170000, 0o040000);
+        let f = find("lab/files/mytest");
+        assert_eq!(
+            (f.mode & 0o7777, f.data.as_slice()),
+            (0o750, &b"#!/bin/sh\n"[..])
+        );
+        let j = Job::parse(
+            std::str::from_utf8(&find(JOB_PATH).data).unwrap(),
+            Level::L1,
+        );
+        assert_eq!(j.unwrap(), job);
+        // A missing file names itself.
+        let mut w = CpioWriter::new(Vec::new());
+        let e = job
+            .write_into(&mut w, &[("gone".into(), dir.join("gone").as_path())])
+            .unwrap_err();
+        assert!(e.to_string().contains("gone"), "{e}");
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

@@ -7,6 +7,33 @@
 
 use serde::{Deserialize, Serialize};
 
+/// What this CPU offers for hardware virtualization, from CPUID: labctl asks it of the
+/// host (to choose KVM or TCG for L1), and each VM's init reports it in its `Hello`
+/// (L2 must see SVM or VMX to run nested guests).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CpuVirt {
+    /// Intel VT-x: CPUID.1:ECX.VMX.
+    pub vmx: bool,
+    /// AMD-V: CPUID.80000001h:ECX.SVM.
+    pub svm: bool,
+}
+
+impl CpuVirt {
+    pub fn probe() -> Self {
+        let id = raw_cpuid::CpuId::new();
+        CpuVirt {
+            vmx: id.get_feature_info().is_some_and(|f| f.has_vmx()),
+            svm: id
+                .get_extended_processor_and_feature_identifiers()
+                .is_some_and(|f| f.has_svm()),
+        }
+    }
+
+    pub fn any(self) -> bool {
+        self.vmx || self.svm
+    }
+}
+
 /// Paths inside the L1 image.
 pub mod l1 {
     pub const QEMU: &str = "/usr/bin/qemu-system-x86_64";
