@@ -701,15 +701,13 @@ pub fn csv(r: &Recorded, e: &Events) -> String {
             .find(|(i, _)| b[*i].is_some_and(|s| t >= s))
             .map_or("", |(_, n)| n)
     };
-    let mut out = format!(
-        "t_s,phase,tag,exits,exit_cycles,exits_per_s,{}\n",
-        kinds
-            .iter()
-            .chain(&reason_cols)
-            .cloned()
-            .collect::<Vec<_>>()
-            .join(",")
-    );
+    let mut w = ::csv::Writer::from_writer(Vec::new());
+    let header = ["t_s", "phase", "tag", "exits", "exit_cycles", "exits_per_s"]
+        .into_iter()
+        .map(String::from)
+        .chain(kinds.iter().cloned())
+        .chain(reason_cols);
+    w.write_record(header).expect("writing to memory");
     for (p, rate) in r.points.iter().zip(rates(r)) {
         let rate = rate.map_or(String::new(), |x| format!("{x:.0}"));
         let mut row = vec![
@@ -725,10 +723,9 @@ pub fn csv(r: &Recorded, e: &Events) -> String {
             let c = p.reasons.get(reason).copied().unwrap_or_default();
             row.extend([c.exits.to_string(), c.cycles.to_string()]);
         }
-        out.push_str(&row.join(","));
-        out.push('\n');
+        w.write_record(&row).expect("writing to memory");
     }
-    out
+    String::from_utf8(w.into_inner().expect("writing to memory")).expect("the fields are UTF-8")
 }
 
 fn l2_job(lab: &Lab, req: &RecordRequest, disk_boot: Option<DiskBoot>) -> Job {
@@ -1344,6 +1341,18 @@ mod tests {
             "0.110000,kernel,,1000,100000,18000,500,250,25000,750,75000"
         );
         assert!(lines[7].starts_with("0.220000,idle,boot-done,4200,"));
+        // A tag with a comma or a quote is quoted, and reads back whole.
+        let mut r = r;
+        r.points[0].tag = Some("a,\"b\"".into());
+        let text = csv(&r, &events(&r));
+        assert!(
+            text.lines().nth(1).unwrap().contains(",\"a,\"\"b\"\"\","),
+            "{text}"
+        );
+        let mut rd = ::csv::Reader::from_reader(text.as_bytes());
+        let first = rd.records().next().unwrap().unwrap();
+        assert_eq!(&first[2], "a,\"b\"");
+        assert_eq!(first.len(), lines[0].split(',').count());
     }
 
     #[test]
