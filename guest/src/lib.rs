@@ -3,5 +3,7 @@
 
 pub mod init;
 pub mod kvmstats;
+mod l2;
 pub mod leaf;
 pub mod port;
+mod sampler;
