@@ -69,7 +69,21 @@ fn write_l2_initrd(vm: &VmJob) -> Result<()> {
 }
 
 /// The QEMU command line for L2: the lab's image, or a guest's own kernel and disk.
-fn l2_spec(vm: &VmJob) -> Result<VmSpec> {
+/// Prepares what L2 boots from: the lab's image, written now, or the guest's own disk,
+/// which must be there.
+fn prepare_l2(vm: &VmJob) -> Result<()> {
+    match &vm.disk_boot {
+        None => write_l2_initrd(vm),
+        Some(d) if !Path::new(&d.disk).exists() => bail!(
+            "the L2 disk {} is not there (is L1 given the disk image?)",
+            d.disk
+        ),
+        Some(_) => Ok(()),
+    }
+}
+
+/// L2's QEMU, from its job alone (what it boots from is prepared by [`prepare_l2`]).
+fn l2_spec(vm: &VmJob) -> VmSpec {
     let files = Path::new("/").join(FILES_DIR);
     // The lab's own L2 talks over virtio consoles, where a line is one exit, not one
     // per byte; a recorded boot keeps the UARTs, whose console shows the kernel's first
@@ -80,40 +94,29 @@ fn l2_spec(vm: &VmJob) -> Result<VmSpec> {
         Ports::Serial
     };
     let (cpu, kernel, initrd, append, mut extra) = match &vm.disk_boot {
-        None => {
-            write_l2_initrd(vm)?;
-            (
-                L2_CPU,
-                vm::l1::KERNEL.to_string(),
-                L2_INITRD.to_string(),
-                vm::kernel_cmdline_for(ports, &format!("EXITLAB_LEVEL=l2 {}", vm.kernel_args)),
-                vec![],
-            )
-        }
-        Some(d) => {
-            if !Path::new(&d.disk).exists() {
-                bail!(
-                    "the L2 disk {} is not there (is L1 given the disk image?)",
-                    d.disk
-                );
-            }
-            (
-                DISK_L2_CPU,
-                files.join(&d.kernel).display().to_string(),
-                files.join(&d.initrd).display().to_string(),
-                d.cmdline.clone(),
-                vec![
-                    "-drive".to_string(),
-                    format!(
-                        "file={},if=virtio,format=raw,cache=unsafe",
-                        vm::esc(&d.disk)
-                    ),
-                ],
-            )
-        }
+        None => (
+            L2_CPU,
+            vm::l1::KERNEL.to_string(),
+            L2_INITRD.to_string(),
+            vm::kernel_cmdline_for(ports, &format!("EXITLAB_LEVEL=l2 {}", vm.kernel_args)),
+            vec![],
+        ),
+        Some(d) => (
+            DISK_L2_CPU,
+            files.join(&d.kernel).display().to_string(),
+            files.join(&d.initrd).display().to_string(),
+            d.cmdline.clone(),
+            vec![
+                "-drive".to_string(),
+                format!(
+                    "file={},if=virtio,format=raw,cache=unsafe",
+                    vm::esc(&d.disk)
+                ),
+            ],
+        ),
     };
     extra.extend(["-qmp".into(), format!("unix:{L2_QMP},server=on,wait=off")]);
-    Ok(VmSpec {
+    VmSpec {
         qemu: vm::l1::QEMU.into(),
         firmware_dir: Some(vm::l1::FIRMWARE_DIR.into()),
         accel: Accel::Kvm,
@@ -128,7 +131,7 @@ fn l2_spec(vm: &VmJob) -> Result<VmSpec> {
         ports,
         machine: vm.machine,
         extra,
-    })
+    }
 }
 
 /// Boots L2 on the patched KVM and relays it. Returns whether L2 reported success.
@@ -136,7 +139,8 @@ pub(crate) fn run_vm(vm: &VmJob, tx: &Sender) -> Result<bool> {
     let _ = fs::remove_file(L2_SOCKET);
     let listener = UnixListener::bind(L2_SOCKET).context("binding the L2 protocol socket")?;
     listener.set_nonblocking(true)?;
-    let spec = l2_spec(vm)?;
+    prepare_l2(vm)?;
+    let spec = l2_spec(vm);
     let start = Instant::now();
     let mut child = Command::new(&spec.qemu)
         .args(spec.args())
@@ -372,5 +376,80 @@ fn relay_l2(stream: UnixStream, pid: i32, recording: Option<Clock>, tx: &Sender)
             }
             other => tx.send(&other),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use exitlab_proto::job::{DiskBoot, Job, Recording, Step};
+    use exitlab_proto::vm::Machine;
+
+    fn job(disk_boot: Option<DiskBoot>, record: Option<Recording>) -> VmJob {
+        VmJob {
+            vcpus: 2,
+            memory_mib: 256,
+            files: vec![],
+            kernel_args: "quiet".into(),
+            machine: Machine::Microvm,
+            job: Job {
+                level: Level::L2,
+                steps: vec![Step::Checkpoint { tag: "1".into() }],
+            },
+            disk_boot,
+            record,
+        }
+    }
+
+    #[test]
+    fn the_labs_l2_is_a_virtio_microvm_on_its_own_image() {
+        let s = l2_spec(&job(None, None));
+        assert_eq!((s.ports, s.cpu.as_str()), (Ports::Virtio, L2_CPU));
+        assert_eq!((s.vcpus, s.memory_mib), (2, 256));
+        assert_eq!(s.initrd, L2_INITRD);
+        assert_eq!(s.kernel, vm::l1::KERNEL);
+        assert!(s.append.contains("EXITLAB_LEVEL=l2 quiet"), "{}", s.append);
+        assert_eq!(s.accel, Accel::Kvm);
+        let args = s.args().join(" ");
+        assert!(
+            args.contains(&format!("unix:{L2_QMP},server=on,wait=off")),
+            "{args}"
+        );
+        assert!(!args.contains("-drive"), "{args}");
+    }
+
+    #[test]
+    fn a_recorded_boot_keeps_uarts_and_a_disk_boot_its_own_kernel() {
+        let s = l2_spec(&job(None, Some(Recording { interval_ms: 20 })));
+        assert_eq!(s.ports, Ports::Serial);
+        let d = DiskBoot {
+            kernel: "vmlinuz".into(),
+            initrd: "initrd.img".into(),
+            disk: "/dev/vdb".into(),
+            cmdline: "root=/dev/vda ro".into(),
+        };
+        let s = l2_spec(&job(Some(d), None));
+        assert_eq!((s.ports, s.cpu.as_str()), (Ports::Serial, DISK_L2_CPU));
+        assert_eq!(s.kernel, format!("/{FILES_DIR}/vmlinuz"));
+        assert_eq!(s.initrd, format!("/{FILES_DIR}/initrd.img"));
+        assert_eq!(s.append, "root=/dev/vda ro");
+        let args = s.args();
+        let i = args.iter().position(|a| a == "-drive").expect("a -drive");
+        assert!(
+            args[i + 1].starts_with("file=/dev/vdb,if=virtio"),
+            "{args:?}"
+        );
+    }
+
+    #[test]
+    fn a_missing_disk_is_named_before_qemu_starts() {
+        let d = DiskBoot {
+            kernel: "k".into(),
+            initrd: "i".into(),
+            disk: "/nonexistent/disk.img".into(),
+            cmdline: String::new(),
+        };
+        let e = prepare_l2(&job(Some(d), None)).unwrap_err().to_string();
+        assert!(e.contains("/nonexistent/disk.img is not there"), "{e}");
     }
 }
