@@ -278,6 +278,8 @@ pub fn exit_cost(lab: &Lab, req: &ExitCostRequest) -> Result<i32> {
     let p = lab.build()?;
     // The kernels measured: the lab's own, or the same series and source built with the
     // bench's configuration; the baseline is built with the same fragment.
+    // One shell for the bench's kernel builds.
+    let sh = xshell::Shell::new()?;
     let (config_name, fragment, baseline_dir, patched, build_info) = if req.lab_kernel {
         (
             "lab",
@@ -297,6 +299,7 @@ pub fn exit_cost(lab: &Lab, req: &ExitCostRequest) -> Result<i32> {
             lab.cfg.kernel_series,
         );
         let info = kernel::build(
+            &sh,
             &dirs,
             &KernelInputs {
                 series: lab.cfg.kernel_series,
@@ -324,6 +327,7 @@ pub fn exit_cost(lab: &Lab, req: &ExitCostRequest) -> Result<i32> {
             );
             let dirs = KernelDirs::new(&baseline_dir, lab.cfg.kernel_series);
             kernel::build(
+                &sh,
                 &dirs,
                 &KernelInputs {
                     series: lab.cfg.kernel_series,

@@ -194,7 +194,7 @@ pub fn series(dir: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// Builds (incrementally) the patched kernel and the selftest. Returns what was built.
-pub fn build(dirs: &KernelDirs, inputs: &KernelInputs) -> Result<BuildInfo> {
+pub fn build(sh: &Shell, dirs: &KernelDirs, inputs: &KernelInputs) -> Result<BuildInfo> {
     doctor::require(&[
         Need::Executable("make"),
         Need::Executable("gcc"),
@@ -222,11 +222,11 @@ pub fn build(dirs: &KernelDirs, inputs: &KernelInputs) -> Result<BuildInfo> {
         })?,
     };
     fs::create_dir_all(&dirs.root)?;
-    let source_id = prepare_source(dirs, &source, ks)?;
+    let source_id = prepare_source(sh, dirs, &source, ks)?;
     let version = kernel_version(&dirs.src(), ks)?;
     let patches = &inputs.patches;
-    sync_patches(dirs, patches)?;
-    configure(dirs, inputs.config_fragment)?;
+    sync_patches(sh, dirs, patches)?;
+    configure(sh, dirs, inputs.config_fragment)?;
     let fingerprint =
         build_fingerprint(&source_id, patches, inputs.config_fragment, inputs.selftest)?;
     if up_to_date(dirs, &fingerprint, inputs.selftest) {
@@ -234,9 +234,9 @@ pub fn build(dirs: &KernelDirs, inputs: &KernelInputs) -> Result<BuildInfo> {
     } else {
         // Gone while make runs: an interrupted build is never taken for a complete one.
         let _ = fs::remove_file(dirs.built_stamp());
-        make_bzimage(dirs)?;
+        make_bzimage(sh, dirs)?;
         if inputs.selftest {
-            build_selftest(dirs)?;
+            build_selftest(sh, dirs)?;
         }
         fs::write(dirs.built_stamp(), &fingerprint)?;
     }
@@ -340,7 +340,12 @@ fn parse_version(makefile: &str) -> Option<(String, String, String, String)> {
 
 /// Unpacks or copies `source` into the build tree unless it is already there; returns
 /// the source's identity.
-fn prepare_source(dirs: &KernelDirs, source: &Path, series: KernelSeries) -> Result<String> {
+fn prepare_source(
+    sh: &Shell,
+    dirs: &KernelDirs,
+    source: &Path,
+    series: KernelSeries,
+) -> Result<String> {
     let id = source_identity(source)?;
     let src = dirs.src();
     if src.join("Makefile").is_file()
@@ -348,7 +353,6 @@ fn prepare_source(dirs: &KernelDirs, source: &Path, series: KernelSeries) -> Res
     {
         return Ok(id);
     }
-    let sh = Shell::new()?;
     let fresh = dirs.root.join("src.new");
     let _ = fs::remove_dir_all(&fresh);
     fs::create_dir_all(&fresh)?;
@@ -410,7 +414,7 @@ fn read_series(paths: &[PathBuf]) -> Result<Vec<(String, String)>> {
 }
 
 /// Makes the tree equal pristine + `patches`, touching only files whose content changes.
-fn sync_patches(dirs: &KernelDirs, patches: &[PathBuf]) -> Result<()> {
+fn sync_patches(sh: &Shell, dirs: &KernelDirs, patches: &[PathBuf]) -> Result<()> {
     let new = read_series(patches)?;
     let applied_dir = dirs.applied();
     let mut old_paths: Vec<PathBuf> = fs::read_dir(&applied_dir)
@@ -454,7 +458,6 @@ fn sync_patches(dirs: &KernelDirs, patches: &[PathBuf]) -> Result<()> {
             fs::copy(&p, &dst)?;
         }
     }
-    let sh = Shell::new()?;
     for (p, (name, _)) in patches.iter().zip(&new) {
         let rej = dirs.root.join("rejected.rej");
         let _ = fs::remove_file(&rej);
@@ -583,7 +586,7 @@ pub fn dropped_options(fragment: &[(String, String)], final_config: &str) -> Vec
         .collect()
 }
 
-fn configure(dirs: &KernelDirs, fragment_path: &Path) -> Result<()> {
+fn configure(sh: &Shell, dirs: &KernelDirs, fragment_path: &Path) -> Result<()> {
     let fragment_text = fs::read_to_string(fragment_path)
         .with_context(|| format!("reading {}", fragment_path.display()))?;
     let fragment = parse_config(&fragment_text);
@@ -594,7 +597,6 @@ fn configure(dirs: &KernelDirs, fragment_path: &Path) -> Result<()> {
         return Ok(());
     }
     fs::create_dir_all(dirs.obj())?;
-    let sh = Shell::new()?;
     let (src, obj) = (dirs.src(), dirs.obj());
     cmd!(sh, "make -s -C {src} O={obj} tinyconfig")
         .quiet()
@@ -621,12 +623,16 @@ fn configure(dirs: &KernelDirs, fragment_path: &Path) -> Result<()> {
 }
 
 /// Runs make, showing progress and keeping the whole output in build.log.
-fn run_make(dirs: &KernelDirs, label: &'static str, args: &[String]) -> Result<()> {
-    run_make_logged(&dirs.log(), label, args)
+fn run_make(sh: &Shell, dirs: &KernelDirs, label: &'static str, args: &[String]) -> Result<()> {
+    run_make_logged(sh, &dirs.log(), label, args)
 }
 
-fn run_make_logged(log_path: &Path, label: &'static str, args: &[String]) -> Result<()> {
-    let sh = Shell::new()?;
+fn run_make_logged(
+    sh: &Shell,
+    log_path: &Path,
+    label: &'static str,
+    args: &[String],
+) -> Result<()> {
     let command: std::process::Command = cmd!(sh, "make {args...}").into();
     let status = progress::run_logged(command, log_path, label)?;
     if !status.success() {
@@ -639,10 +645,11 @@ fn run_make_logged(log_path: &Path, label: &'static str, args: &[String]) -> Res
     Ok(())
 }
 
-fn make_bzimage(dirs: &KernelDirs) -> Result<()> {
+fn make_bzimage(sh: &Shell, dirs: &KernelDirs) -> Result<()> {
     let jobs = std::thread::available_parallelism().map_or(2, |n| n.get());
     let _ = fs::remove_file(dirs.log());
     run_make(
+        sh,
         dirs,
         "kernel",
         &[
@@ -657,11 +664,16 @@ fn make_bzimage(dirs: &KernelDirs) -> Result<()> {
 
 /// Builds upstream KVM selftests (paths under `tools/testing/selftests/kvm`, e.g.
 /// `x86_64/cpuid_test`) from the patched tree, after `build()`: returns their binaries.
-pub fn build_kvm_selftests(dirs: &KernelDirs, tests: &[String]) -> Result<Vec<PathBuf>> {
+pub fn build_kvm_selftests(
+    sh: &Shell,
+    dirs: &KernelDirs,
+    tests: &[String],
+) -> Result<Vec<PathBuf>> {
     let out = dirs.root.join("kvm-selftests");
     fs::create_dir_all(&out)?;
     let bins: Vec<PathBuf> = tests.iter().map(|t| out.join(t)).collect();
     run_make(
+        sh,
         dirs,
         "kvm-selftests",
         &selftest_make_args(dirs, &out, &bins),
@@ -688,9 +700,10 @@ fn selftest_make_args(dirs: &KernelDirs, out: &Path, targets: &[PathBuf]) -> Vec
     args
 }
 
-fn build_selftest(dirs: &KernelDirs) -> Result<()> {
+fn build_selftest(sh: &Shell, dirs: &KernelDirs) -> Result<()> {
     let hdr = dirs.obj().join("usr");
     run_make(
+        sh,
         dirs,
         "headers",
         &[
@@ -705,6 +718,7 @@ fn build_selftest(dirs: &KernelDirs) -> Result<()> {
     let out = dirs.root.join("selftests");
     fs::create_dir_all(&out)?;
     run_make(
+        sh,
         dirs,
         "selftest",
         &selftest_make_args(dirs, &out, &[dirs.selftest()]),
@@ -751,7 +765,7 @@ pub struct GateResult {
 
 /// `labctl kernel-check`: checkpatch --strict on every patch, and a W=1 build of
 /// arch/x86/kvm (in its own object directory, so the lab's build stays incremental).
-pub fn quality_gate(dirs: &KernelDirs, patches: &[PathBuf]) -> Result<Vec<GateResult>> {
+pub fn quality_gate(sh: &Shell, dirs: &KernelDirs, patches: &[PathBuf]) -> Result<Vec<GateResult>> {
     let src = dirs.src();
     let checkpatch = src.join("scripts/checkpatch.pl");
     if !checkpatch.is_file() {
@@ -760,8 +774,7 @@ pub fn quality_gate(dirs: &KernelDirs, patches: &[PathBuf]) -> Result<Vec<GateRe
             checkpatch.display()
         )));
     }
-    let sh = Shell::new()?;
-    sh.change_dir(&src);
+    let _in_src = sh.push_dir(&src);
     let mut results = Vec::new();
     for p in patches {
         let out = cmd!(
@@ -796,6 +809,7 @@ pub fn quality_gate(dirs: &KernelDirs, patches: &[PathBuf]) -> Result<Vec<GateRe
     let log = dirs.root.join("w1.log");
     let _ = fs::remove_file(&log);
     let build = run_make_logged(
+        sh,
         &log,
         "W=1",
         &[
@@ -998,6 +1012,7 @@ cc1: warning: command-line option\n";
         if doctor::which("patch").is_none() {
             panic!("this test needs GNU patch: apt-get install -y patch");
         }
+        let sh = Shell::new().unwrap();
         let root = std::env::temp_dir().join(format!("sync-{}", std::process::id()));
         let _ = fs::remove_dir_all(&root);
         let dirs = KernelDirs {
@@ -1013,7 +1028,7 @@ cc1: warning: command-line option\n";
         let p2 = pdir.join("0002-b.patch");
         fs::write(&p1, diff("arch/a.c", "alpha", "ALPHA")).unwrap();
         fs::write(&p2, diff("b.c", "beta", "BETA")).unwrap();
-        sync_patches(&dirs, &series(&pdir).unwrap()).unwrap();
+        sync_patches(&sh, &dirs, &series(&pdir).unwrap()).unwrap();
         assert_eq!(fs::read_to_string(src.join("arch/a.c")).unwrap(), "ALPHA\n");
         assert_eq!(fs::read_to_string(src.join("b.c")).unwrap(), "BETA\n");
 
@@ -1021,7 +1036,7 @@ cc1: warning: command-line option\n";
         let before = fs::metadata(src.join("b.c")).unwrap().modified().unwrap();
         std::thread::sleep(std::time::Duration::from_millis(20));
         fs::write(&p1, diff("arch/a.c", "alpha", "Alpha")).unwrap();
-        sync_patches(&dirs, &series(&pdir).unwrap()).unwrap();
+        sync_patches(&sh, &dirs, &series(&pdir).unwrap()).unwrap();
         assert_eq!(fs::read_to_string(src.join("arch/a.c")).unwrap(), "Alpha\n");
         assert_eq!(
             fs::metadata(src.join("b.c")).unwrap().modified().unwrap(),
@@ -1030,13 +1045,13 @@ cc1: warning: command-line option\n";
 
         // Dropping a patch restores the pristine file.
         fs::remove_file(&p2).unwrap();
-        sync_patches(&dirs, &series(&pdir).unwrap()).unwrap();
+        sync_patches(&sh, &dirs, &series(&pdir).unwrap()).unwrap();
         assert_eq!(fs::read_to_string(src.join("b.c")).unwrap(), "beta\n");
 
         // A patch that does not apply names itself and its hunk, and changes nothing.
         fs::write(pdir.join("0002-bad.patch"), diff("b.c", "gamma", "GAMMA")).unwrap();
         fs::write(&p1, diff("arch/a.c", "alpha", "NEW")).unwrap();
-        let e = sync_patches(&dirs, &series(&pdir).unwrap())
+        let e = sync_patches(&sh, &dirs, &series(&pdir).unwrap())
             .unwrap_err()
             .to_string();
         assert!(e.contains("0002-bad.patch"), "{e}");

@@ -451,7 +451,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             lab.build()?;
             let dirs = kernel::KernelDirs::new(&lab.cfg.build_dir, lab.cfg.kernel_series);
             let patches = kernel::lab_kernel_patches(&lab.repo, lab.cfg.kernel_series)?;
-            let results = kernel::quality_gate(&dirs, &patches)?;
+            let results = kernel::quality_gate(&xshell::Shell::new()?, &dirs, &patches)?;
             for r in &results {
                 println!("{} {}", if r.ok { "ok  " } else { "FAIL" }, r.name);
                 if !r.ok {

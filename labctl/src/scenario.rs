@@ -96,6 +96,7 @@ impl Lab {
             _ => {
                 let dirs = KernelDirs::new(&self.cfg.build_dir, self.cfg.kernel_series);
                 let info = kernel::build(
+                    &xshell::Shell::new()?,
                     &dirs,
                     &KernelInputs {
                         series: self.cfg.kernel_series,
