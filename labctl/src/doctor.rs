@@ -47,9 +47,7 @@ fn parse_requirement(line: &'static str) -> Result<Requirement, String> {
         Some(("file", f)) if f.starts_with('/') => Need::File(f),
         Some(("firmware", n)) if !n.is_empty() => Need::Firmware(n),
         Some(("kernel-source", v)) => Need::KernelSource(
-            KernelSeries::ALL
-                .into_iter()
-                .find(|s| s.name() == v)
+            KernelSeries::from_name(v)
                 .ok_or_else(|| format!("{line:?}: no kernel series {v:?}"))?,
         ),
         _ => return Err(format!("{line:?}: unknown need {need:?}")),

@@ -310,9 +310,7 @@ pub fn kernel_version(tree: &Path, series: KernelSeries) -> Result<String> {
             _ => false,
         };
         if !matches {
-            let other = KernelSeries::ALL
-                .into_iter()
-                .find(|k| format!("{v}.{p}") == k.name())
+            let other = KernelSeries::from_name(&format!("{v}.{p}"))
                 .map(|k| format!(", or --kernel-series {k} to build that version's port"))
                 .unwrap_or_default();
             return Err(setup(format!(

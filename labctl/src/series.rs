@@ -1,6 +1,7 @@
 //! The kernel series the lab builds, as data: one row per Linux version the patch
 //! series is ported to. Adding a version is adding a row (and its `kernel/<version>/`
-//! directory); nothing else in labctl names a kernel version.
+//! directory): the build, its caches and its checks take every version from here
+//! (`host-recipe` also knows how Debian names each version's kernel packages).
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -34,9 +35,7 @@ impl<'de> Deserialize<'de> for KernelSeries {
                 write!(f, "a kernel series, one of {}", names.join(", "))
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<KernelSeries, E> {
-                KernelSeries::ALL
-                    .into_iter()
-                    .find(|s| s.name() == v)
+                KernelSeries::from_name(v)
                     .ok_or_else(|| E::invalid_value(de::Unexpected::Str(v), &self))
             }
             fn visit_f64<E: de::Error>(self, v: f64) -> Result<KernelSeries, E> {
@@ -106,6 +105,11 @@ impl KernelSeries {
 
     pub fn name(self) -> &'static str {
         self.info().name
+    }
+
+    /// The series called `name` ("6.12", "6.1"), if there is one.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.name() == name)
     }
 
     /// The series under study: `kernel/<version>/patches`.
@@ -203,6 +207,8 @@ mod tests {
             KernelSeries::V6_1
         );
         assert!(KernelSeries::from_str("6.2", false).is_err());
+        assert_eq!(KernelSeries::from_name("6.1"), Some(KernelSeries::V6_1));
+        assert_eq!(KernelSeries::from_name("6.10"), None);
         let s: KernelSeries = serde_yaml_ng::from_str("\"6.12\"").unwrap();
         assert_eq!(s, KernelSeries::V6_12);
         let e = serde_yaml_ng::from_str::<KernelSeries>("6.1").unwrap_err();
