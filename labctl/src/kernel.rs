@@ -305,12 +305,9 @@ pub fn kernel_version(tree: &Path, series: KernelSeries) -> Result<String> {
         ))
     })
     .and_then(|(v, p, s, e)| {
-        let matches = match (v.parse(), p.parse()) {
-            (Ok(major), Ok(minor)) => series.matches(major, minor),
-            _ => false,
-        };
-        if !matches {
-            let other = KernelSeries::from_name(&format!("{v}.{p}"))
+        let found = KernelSeries::from_name(&format!("{v}.{p}"));
+        if found != Some(series) {
+            let other = found
                 .map(|k| format!(", or --kernel-series {k} to build that version's port"))
                 .unwrap_or_default();
             return Err(setup(format!(

@@ -50,9 +50,8 @@ impl<'de> Deserialize<'de> for KernelSeries {
 
 /// What labctl knows about one series.
 pub struct SeriesInfo {
-    /// `VERSION.PATCHLEVEL` of the kernel, e.g. "6.12".
+    /// `VERSION.PATCHLEVEL` of the kernel, as its Makefile gives them, e.g. "6.12".
     pub name: &'static str,
-    pub version: (u32, u32),
     /// The Debian package whose tarball (`/usr/src/<package>.tar.*`) is the default source.
     pub source_package: &'static str,
     /// Directory of the series in the repository (`patches/`, `lab-patches/`).
@@ -69,7 +68,6 @@ const SERIES: [(KernelSeries, SeriesInfo); 2] = [
         KernelSeries::V6_12,
         SeriesInfo {
             name: "6.12",
-            version: (6, 12),
             source_package: "linux-source-6.12",
             dir: "kernel/6.12",
             cache: "kernel",
@@ -80,7 +78,6 @@ const SERIES: [(KernelSeries, SeriesInfo); 2] = [
         KernelSeries::V6_1,
         SeriesInfo {
             name: "6.1",
-            version: (6, 1),
             source_package: "linux-source-6.1",
             dir: "kernel/6.1",
             cache: "kernel-6.1",
@@ -149,11 +146,6 @@ impl KernelSeries {
         found.sort();
         found.pop()
     }
-
-    /// Whether a tree of Linux `major.minor` is this series' version.
-    pub fn matches(self, major: u32, minor: u32) -> bool {
-        self.info().version == (major, minor)
-    }
 }
 
 impl fmt::Display for KernelSeries {
@@ -174,12 +166,9 @@ mod tests {
             assert!(s.patches_dir(&repo).is_dir(), "{s}: no patches dir");
             assert!(s.lab_patches_dir(&repo).is_dir(), "{s}: no lab-patches dir");
             assert!(caches.insert(s.info().cache), "{s}: cache shared");
-            let (major, minor) = s.info().version;
-            assert!(s.matches(major, minor));
-            assert_eq!(s.name(), format!("{major}.{minor}"));
+            assert_eq!(KernelSeries::from_name(s.name()), Some(s));
             assert_eq!(s.info().source_package, format!("linux-source-{s}"));
         }
-        assert!(!KernelSeries::V6_1.matches(6, 12));
         assert_eq!(KernelSeries::default(), KernelSeries::V6_12);
     }
 
