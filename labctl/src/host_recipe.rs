@@ -267,6 +267,10 @@ fn build_modules(
             progress::log_tail(&log, 15)
         )));
     }
+    progress::note(
+        "recipe",
+        format!("built for {r}; every step it ran: {}", log.display()),
+    );
     let mm: String = r.split('.').take(2).collect::<Vec<_>>().join(".");
     Ok(Built {
         work,
