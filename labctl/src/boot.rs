@@ -98,6 +98,10 @@ enum Event {
     Eof,
 }
 
+/// The environment variable a child labctl appends its run directories to (`labctl soak`
+/// sets it, [`new_run_dir`] appends to it).
+pub const RUNS_FILE_ENV: &str = "LABCTL_RUNS_FILE";
+
 const PANIC_MARKER: &str = "Kernel panic - not syncing";
 /// How long QEMU gets to exit after L1 reported done.
 const EXIT_GRACE: Duration = Duration::from_secs(30);
@@ -210,7 +214,7 @@ pub fn boot(spec: &BootSpec, logs: &RunLogs, mut on_msg: impl FnMut(&Msg)) -> Re
     let args = vm.args();
     let mut command: std::process::Command = cmd!(sh, "{qemu} {args...}").into();
     // QEMU goes with labctl, whatever ends labctl (Ctrl-C, kill, a panic).
-    crate::lock::die_with_labctl(&mut command, libc::SIGKILL);
+    crate::process::die_with_labctl(&mut command, libc::SIGKILL);
     let mut child = command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -393,7 +397,7 @@ pub fn new_run_dir(build_dir: &Path, scenario: &str) -> Result<PathBuf> {
     ));
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     // `labctl soak` learns which runs its child made from this file.
-    if let Some(list) = std::env::var_os(crate::soak::RUNS_FILE_ENV) {
+    if let Some(list) = std::env::var_os(RUNS_FILE_ENV) {
         let mut f = OpenOptions::new()
             .append(true)
             .create(true)

@@ -1,4 +1,4 @@
-//! One labctl at a time per build directory, and no child process that outlives labctl.
+//! One labctl at a time per build directory.
 //!
 //! Two runs on one build directory would rebuild the same kernel tree and image under each
 //! other, and two nested labs on a small machine starve each other's emulated CPUs. So a
@@ -9,9 +9,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::Command;
 
 use anyhow::{Context, Result};
 
@@ -71,24 +69,6 @@ impl BuildLock {
         file.rewind()?;
         file.write_all(me.as_bytes())?;
         Ok(Self { _file: file })
-    }
-}
-
-/// Makes `cmd`'s process get `signal` when labctl dies (Ctrl-C, `kill`, a panic), so that
-/// no QEMU or make is left running behind a labctl that is gone.
-pub fn die_with_labctl(cmd: &mut Command, signal: libc::c_int) -> &mut Command {
-    // SAFETY: prctl and getppid are async-signal-safe; nothing is allocated after fork.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, signal as libc::c_ulong) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // labctl may have died between fork and prctl.
-            if libc::getppid() == 1 {
-                libc::raise(signal);
-            }
-            Ok(())
-        })
     }
 }
 

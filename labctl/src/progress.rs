@@ -145,7 +145,7 @@ pub fn run_logged(
         .open(log_path)
         .with_context(|| format!("opening {}", log_path.display()))?;
     // make cleans up after itself on SIGTERM (it deletes the targets it was writing).
-    crate::lock::die_with_labctl(&mut command, libc::SIGTERM);
+    crate::process::die_with_labctl(&mut command, libc::SIGTERM);
     let mut child = command
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())

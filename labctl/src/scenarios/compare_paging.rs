@@ -9,7 +9,7 @@ use exitlab_proto::job::{Level, Step};
 use exitlab_proto::reasons::{self, ReasonAnswer, ReasonLine};
 use serde::Serialize;
 
-use crate::scenario::{self, guest_program, l2_vm, Lab};
+use crate::engine::{self, guest_program, l2_vm, Lab};
 use crate::verify::Check;
 
 /// The two modes, and the L1 kernel parameters that select them on either vendor.
@@ -213,7 +213,7 @@ pub fn compare(
 }
 
 fn write(lab: &Lab, sides: &[Side], checks: &[Check], ok: bool) -> Result<()> {
-    let path = scenario::write_summary(
+    let path = engine::write_summary(
         lab,
         "compare-paging",
         &Summary {

@@ -5,14 +5,16 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
+use clap::Args;
 use exitlab_proto::job::{Job, Level, Step};
 use exitlab_proto::msg::Status;
 use serde::Serialize;
 
+use crate::cli::{check_baseline, CommonArgs, Global};
+use crate::engine::{self, stream_output, Lab, Prepared};
 use crate::error::setup;
 use crate::images::UserFile;
 use crate::kernel::{self, KernelDirs};
-use crate::scenario::{self, stream_output, Lab, Prepared};
 use crate::verify::Check;
 
 /// The upstream tests that can run in the lab's L1 (KVM on emulated SVM, no Xen, no PMU
@@ -123,6 +125,30 @@ struct Summary {
 }
 
 /// Builds `tests`, runs them on the patched kernel and, if given, on `baseline`.
+#[derive(Args, Clone)]
+pub struct KvmSelftestsArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Tests to run: paths under tools/testing/selftests/kvm, comma-separated.
+    #[arg(long, value_name = "LIST", value_delimiter = ',',
+          default_values_t = DEFAULT_TESTS.map(String::from))]
+    pub tests: Vec<String>,
+    /// An unpatched bzImage (same source and config) to run the same tests on, e.g.
+    /// build/baseline/kernel/obj/arch/x86/boot/bzImage after `labctl bench exit-cost
+    /// --lab-kernel` (the lab's configuration: the bench's default kernels have jump
+    /// labels, which L1 under multi-threaded TCG can crash on).
+    #[arg(long, value_name = "BZIMAGE")]
+    pub baseline: Option<PathBuf>,
+}
+
+impl KvmSelftestsArgs {
+    pub fn run(self, g: &Global) -> Result<i32> {
+        check_baseline(self.baseline.as_deref())?;
+        let lab = g.lab(self.common.into())?;
+        run(&lab, &self.tests, self.baseline.as_deref())
+    }
+}
+
 pub fn run(lab: &Lab, tests: &[String], baseline: Option<&Path>) -> Result<i32> {
     let p = lab.build()?;
     let dirs = KernelDirs::new(&lab.cfg.build_dir, lab.cfg.kernel_series);
@@ -173,7 +199,7 @@ pub fn run(lab: &Lab, tests: &[String], baseline: Option<&Path>) -> Result<i32> 
         checks,
         run_dirs,
     };
-    let path = scenario::write_summary(lab, "kvm-selftests", &summary)?;
+    let path = engine::write_summary(lab, "kvm-selftests", &summary)?;
     println!("results:  {}", path.display());
     Ok(if ok {
         0

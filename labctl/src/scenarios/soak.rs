@@ -11,21 +11,59 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
+use clap::Args;
 use serde::Serialize;
 use xshell::{cmd, Shell};
 
-use crate::boot::RunLogs;
+use crate::boot::{RunLogs, RUNS_FILE_ENV};
+use crate::cli::Global;
 use crate::error::{code, setup};
 use crate::progress::fmt_elapsed;
 use crate::verify;
-
-/// The environment variable a child labctl appends its run directories to.
-pub const RUNS_FILE_ENV: &str = "LABCTL_RUNS_FILE";
 
 /// Scenarios a soak may repeat: the ones that boot the lab and judge their own outcome.
 pub const SOAKABLE: &[&str] = &["lab", "stress", "exec", "selftest", "record-boot"];
 
 pub const SCHEMA: &str = "kvm-exit-lab/soak/v1";
+
+/// `labctl soak`'s options.
+#[derive(Args)]
+pub struct SoakArgs {
+    /// How many times to run the scenario.
+    #[arg(long, value_name = "N", default_value = "10")]
+    pub runs: u32,
+    /// Where to write the summary (default: build/runs/soak-<scenario>-<pid>.yaml).
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+    /// The scenario and its options, as you would type them after `labctl`.
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "SCENARIO [OPTIONS]"
+    )]
+    pub command: Vec<String>,
+}
+
+impl SoakArgs {
+    pub fn run(self, g: &Global) -> Result<i32> {
+        let mut global = Vec::new();
+        if let Some(c) = &g.config {
+            global.extend(["--config".into(), c.display().to_string()]);
+        }
+        if let Some(r) = &g.repo {
+            global.extend(["--repo".into(), r.display().to_string()]);
+        }
+        soak(
+            &Shell::new()?,
+            &SoakRequest {
+                runs: self.runs,
+                command: self.command,
+                global,
+                out: self.out,
+            },
+        )
+    }
+}
 
 /// What `labctl soak` was asked to do.
 pub struct SoakRequest {

@@ -1,15 +1,10 @@
-//! `labctl bench`: what the exit accounting costs, how the lab scales, how fast it turns
-//! around.
-//!
-//! `exit-cost` boots L1 under single-threaded TCG with `-icount shift=0,sleep=off`: L1's
-//! clock then advances exactly 1 ns per executed instruction, and L2's clock (kvmclock,
-//! derived from L1's TSC) with it. The stress program in L2, with one thread, times M
-//! CPUIDs; nanoseconds per CPUID are L1 (and L2) instructions per exit round trip, a
-//! deterministic figure instead of a noisy wall-clock one.
+//! `labctl bench exit-cost`: instructions per CPUID exit round trip under -icount,
+//! accounting on, off and unpatched, and the leaves' query cost.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
+use clap::Args;
 use exitlab_proto::job::{Level, Step};
 use exitlab_proto::leaf::{LEAF, LEAF_NATIVE, LEAF_SDM, NATIVE_OTHER, SDM_REASON_CPUID};
 use exitlab_proto::stress::{StressReport, StressSpec};
@@ -17,11 +12,57 @@ use exitlab_proto::vm::Accel;
 use serde::Serialize;
 
 use crate::accel::AccelDecision;
+use crate::cli::{check_baseline, parse_count, CommonArgs, Global};
+use crate::engine::{self, Lab, Prepared};
 use crate::error::{code, setup};
 use crate::kernel::{self, KernelDirs, KernelInputs};
 use crate::progress;
-use crate::scenario::{self, Lab, Prepared};
+
+use super::measure::{set_accounting, Variant, PLAIN};
 use crate::verify::Check;
+
+#[derive(Args)]
+pub struct ExitCostArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// CPUIDs per measurement.
+    #[arg(long, value_name = "M", default_value = "20000", value_parser = parse_count)]
+    pub count: u64,
+    /// Measurements per variant (at least 2).
+    #[arg(long, value_name = "R", default_value = "5")]
+    pub repeats: u32,
+    /// The unpatched bzImage to compare with (default: build it from the same source).
+    #[arg(long, value_name = "BZIMAGE", conflicts_with = "no_baseline")]
+    pub baseline: Option<PathBuf>,
+    /// Skip the unpatched comparison.
+    #[arg(long)]
+    pub no_baseline: bool,
+    /// vCPUs of the VM for the many-vCPU leaf query cost (0 skips it).
+    #[arg(long, value_name = "N", default_value = "8")]
+    pub wide_vcpus: u32,
+    /// Measure the lab's own kernel configuration (no jump labels) instead of
+    /// lab.config + CONFIG_JUMP_LABEL=y, the way distributions build kernels.
+    #[arg(long)]
+    pub lab_kernel: bool,
+}
+
+impl ExitCostArgs {
+    pub fn run(self, g: &Global) -> Result<i32> {
+        check_baseline(self.baseline.as_deref())?;
+        let lab = g.lab(self.common.into())?;
+        exit_cost(
+            &lab,
+            &ExitCostRequest {
+                count: self.count,
+                repeats: self.repeats,
+                baseline: self.baseline,
+                no_baseline: self.no_baseline,
+                wide_vcpus: self.wide_vcpus,
+                lab_kernel: self.lab_kernel,
+            },
+        )
+    }
+}
 
 /// Goals the README states and `exit-cost` checks.
 pub const GOAL_ON_PCT: f64 = 0.5;
@@ -68,76 +109,6 @@ fn bench_fragment(lab: &Lab) -> Result<PathBuf> {
     Ok(out)
 }
 
-/// One measured variant.
-#[derive(Debug, Clone, Serialize)]
-pub struct Variant {
-    pub name: String,
-    pub kernel: String,
-    pub accounting: String,
-    pub leaf: String,
-    pub l2_vcpus: u32,
-    /// Instructions per exit round trip, one per repeat.
-    pub samples: Vec<f64>,
-    pub median: f64,
-    pub min: f64,
-    pub max: f64,
-    /// (max - min) / median, in percent: what interference added to some windows.
-    pub spread_pct: f64,
-    /// (second lowest - lowest) / lowest, in percent: how well the two undisturbed
-    /// repeats agree. Interference (timer interrupts, L1's housekeeping) only ever adds
-    /// instructions to a window, so the lowest repeats are the undisturbed figure.
-    pub agreement_pct: f64,
-}
-
-impl Variant {
-    fn new(
-        name: &str,
-        kernel: &str,
-        accounting: &str,
-        (leaf, subleaf): (u32, u32),
-        vcpus: u32,
-        samples: Vec<f64>,
-    ) -> Self {
-        let mut s = samples.clone();
-        s.sort_by(f64::total_cmp);
-        let median = if s.is_empty() {
-            0.0
-        } else if s.len() % 2 == 1 {
-            s[s.len() / 2]
-        } else {
-            (s[s.len() / 2 - 1] + s[s.len() / 2]) / 2.0
-        };
-        let (min, max) = (
-            s.first().copied().unwrap_or(0.0),
-            s.last().copied().unwrap_or(0.0),
-        );
-        Variant {
-            name: name.into(),
-            kernel: kernel.into(),
-            accounting: accounting.into(),
-            leaf: if leaf == LEAF || leaf == 0 {
-                format!("{leaf:#x}")
-            } else {
-                format!("{leaf:#x}/{subleaf:#x}")
-            },
-            l2_vcpus: vcpus,
-            samples,
-            median,
-            min,
-            max,
-            spread_pct: if median > 0.0 {
-                (max - min) / median * 100.0
-            } else {
-                0.0
-            },
-            agreement_pct: match s.as_slice() {
-                [a, b, ..] if *a > 0.0 => (b - a) / a * 100.0,
-                _ => 0.0,
-            },
-        }
-    }
-}
-
 #[derive(Debug, Serialize)]
 pub struct ExitCostResults {
     pub schema: &'static str,
@@ -174,22 +145,12 @@ fn measure((leaf, subleaf): (u32, u32), count: u64) -> Step {
     }
 }
 
-/// The plain exit measured by the on/off variants: CPUID leaf 0, answered from the table.
-const PLAIN: (u32, u32) = (0, 0);
-
 /// The leaves whose query cost is measured: name, leaf, subleaf.
 const QUERIES: [(&str, (u32, u32)); 3] = [
     ("query", (LEAF, 0)),
     ("query-sdm", (LEAF_SDM, SDM_REASON_CPUID)),
     ("query-native", (LEAF_NATIVE, NATIVE_OTHER)),
 ];
-
-fn set_accounting(on: bool) -> Step {
-    Step::SetKvmParam {
-        name: "exit_accounting".into(),
-        value: if on { "Y" } else { "N" }.into(),
-    }
-}
 
 /// Boots L1 (`kernel`) with an L2 of `vcpus` running `steps`; returns instructions per
 /// exit of every measurement, in order.
@@ -230,7 +191,7 @@ fn boot_and_measure(
     // one: an SMP guest cannot boot in reasonable time on one single-threaded,
     // instruction-counting L1 CPU, and the other vCPUs' activity would be counted too.
     let args = if vcpus > 1 { "maxcpus=1" } else { "" };
-    let job = scenario::l2_vm_with_args(&one.cfg, vec![], steps, args);
+    let job = engine::l2_vm_with_args(&one.cfg, vec![], steps, args);
     let run = one.run(&prepared, "bench", &job, &[], |_| {})?;
     run_dirs.push(run.dir.clone());
     let programs = run.programs(Level::L2);
@@ -470,7 +431,7 @@ pub fn exit_cost(lab: &Lab, req: &ExitCostRequest) -> Result<i32> {
         checks,
         run_dirs,
     };
-    let path = scenario::write_summary(lab, "bench-exit-cost", &results)?;
+    let path = engine::write_summary(lab, "bench-exit-cost", &results)?;
     println!("results:  {}", path.display());
     Ok(if ok { 0 } else { code::SCENARIO_FAILED.into() })
 }
@@ -521,115 +482,4 @@ fn print_exit_cost(variants: &[Variant], checks: &[Check]) {
         }
     }
     crate::verify::print_checks(checks, 24);
-}
-
-/// `labctl bench scaling`: exits/s with 1, 2 and 4 L2 vCPUs, accounting on and off,
-/// `repeats` runs each in one boot per vCPU count. Wall-clock under multi-threaded TCG:
-/// noisy, so medians and spreads are reported.
-pub fn scaling(lab: &Lab, sweep: &[u32], iterations: u64, repeats: u32) -> Result<i32> {
-    if repeats == 0 || iterations == 0 || sweep.is_empty() {
-        return Err(setup("--repeats, --iterations and --vcpus need at least 1"));
-    }
-    let p = lab.build()?;
-    #[derive(Serialize)]
-    struct Row {
-        vcpus: u32,
-        accounting: &'static str,
-        exits_per_s: Vec<f64>,
-        median: f64,
-        spread_pct: f64,
-    }
-    let mut rows = Vec::new();
-    let mut run_dirs = Vec::new();
-    for &v in sweep {
-        let mut cfg = lab.cfg.clone();
-        cfg.l2_vcpus = v;
-        let one = lab.with_config(cfg)?;
-        let spec = StressSpec {
-            threads: v,
-            iterations,
-            leaf: 0,
-            subleaf: 0,
-        };
-        let mut steps = Vec::new();
-        for on in [true, false] {
-            steps.push(set_accounting(on));
-            for _ in 0..repeats {
-                steps.push(Step::Run { argv: spec.argv() });
-            }
-        }
-        steps.push(set_accounting(true));
-        progress::note(
-            "bench",
-            format!("scaling: {v} vCPU(s), {repeats} runs on and off"),
-        );
-        let job = scenario::l2_vm(&one.cfg, vec![], steps);
-        let run = one.run(&p, "bench-scaling", &job, &[], |_| {})?;
-        run_dirs.push(run.dir.clone());
-        let reports: Vec<StressReport> = run
-            .programs(Level::L2)
-            .iter()
-            .filter_map(|pr| {
-                pr.stdout
-                    .lines()
-                    .last()
-                    .and_then(|l| StressReport::from_json(l).ok())
-            })
-            .collect();
-        if reports.len() != 2 * repeats as usize {
-            return Err(setup(format!(
-                "scaling run with {v} vCPUs reported {} of {} measurements\n{}",
-                reports.len(),
-                2 * repeats,
-                run.logs.describe()
-            )));
-        }
-        for (i, accounting) in ["on", "off"].into_iter().enumerate() {
-            let rates: Vec<f64> = reports[i * repeats as usize..(i + 1) * repeats as usize]
-                .iter()
-                .map(|r| u64::from(v) as f64 * iterations as f64 / (r.wall_ns as f64 / 1e9))
-                .collect();
-            let var = Variant::new(accounting, "patched", accounting, PLAIN, v, rates.clone());
-            rows.push(Row {
-                vcpus: v,
-                accounting,
-                exits_per_s: rates,
-                median: var.median,
-                spread_pct: var.spread_pct,
-            });
-        }
-    }
-    println!(
-        "{:>5} {:<10} {:>12} {:>14} {:>8}",
-        "vCPUs", "accounting", "exits/s", "exits/s/vCPU", "spread"
-    );
-    for r in &rows {
-        println!(
-            "{:>5} {:<10} {:>12.0} {:>14.0} {:>7.1}%",
-            r.vcpus,
-            r.accounting,
-            r.median,
-            r.median / f64::from(r.vcpus),
-            r.spread_pct
-        );
-    }
-    println!("(wall-clock rates of the nested lab under multi-threaded TCG: medians of {repeats} runs; noisy, compare on vs off within a row pair)");
-    #[derive(Serialize)]
-    struct Summary {
-        schema: &'static str,
-        iterations: u64,
-        repeats: u32,
-        rows: Vec<Row>,
-        runs: Vec<PathBuf>,
-    }
-    let summary = Summary {
-        schema: "kvm-exit-lab/bench-scaling/v1",
-        iterations,
-        repeats,
-        rows,
-        runs: run_dirs,
-    };
-    let path = scenario::write_summary(lab, "bench-scaling", &summary)?;
-    println!("results:  {}", path.display());
-    Ok(0)
 }

@@ -13,9 +13,9 @@ use anyhow::Result;
 use exitlab_proto::msg::STAT_EXITS;
 use xshell::{cmd, Shell};
 
+use super::series::{rates, reason_name, reasons_between, Events, Phase, Point, Recorded};
 use crate::doctor::{self, Need};
 use crate::error::setup;
-use crate::record::{rates, reason_name, reasons_between, Events, Phase, Point, Recorded};
 
 const W: f64 = 1100.0;
 const H: f64 = 720.0;

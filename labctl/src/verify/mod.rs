@@ -1,6 +1,8 @@
 //! Stage 6 of the pipeline, verification: named checks on what the guest read and what
 //! KVM's own statistics say.
 
+pub mod selftest;
+
 use std::collections::BTreeMap;
 
 use exitlab_proto::leaf::{ExitStats, SDM_REASON_CPUID};

@@ -22,16 +22,18 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
+use clap::Args;
 use exitlab_proto::job::{Level, Step};
 use exitlab_proto::msg::Msg;
 use xshell::{cmd, Shell};
 
+use crate::cli::{Global, LabArgs};
 use crate::doctor::{self, Need};
+use crate::engine::{self, Lab, ProgramRun};
 use crate::error::setup;
 use crate::images::{self, ImageFile};
 use crate::kernel::KernelDirs;
 use crate::progress::{self, Progress};
-use crate::scenario::{self, Lab, ProgramRun};
 use crate::series::KernelSeries;
 use crate::verify::Check;
 
@@ -373,7 +375,7 @@ fn file(dest: impl Into<String>, src: impl Into<PathBuf>, mode: u32) -> ImageFil
 fn image(
     lab: &Lab,
     sh: &Shell,
-    p: &scenario::Prepared,
+    p: &engine::Prepared,
     stage: &Path,
     root: &Path,
     built: &Built,
@@ -481,7 +483,7 @@ fn job(lab: &Lab) -> exitlab_proto::job::Job {
             )),
         },
     ];
-    steps.extend(scenario::l2_vm(&lab.cfg, vec![], scenario::lab_l2_steps()).steps);
+    steps.extend(engine::l2_vm(&lab.cfg, vec![], crate::scenarios::lab::lab_l2_steps()).steps);
     steps.push(Step::Run {
         argv: sh_step(&format!("{recipe} restore && lsmod | grep -E '^kvm'")),
     });
@@ -563,6 +565,23 @@ pub fn recipe_checks(l1: &[ProgramRun], release: &str, l1_kernel: Option<&str>) 
     c
 }
 
+#[derive(Args)]
+pub struct HostRecipeArgs {
+    #[command(flatten)]
+    pub lab: LabArgs,
+    /// Debian's kernel to run the recipe on: the one of the installed
+    /// linux-source-6.12's (or -6.1's) version, with the series' port to it.
+    /// (`--kernel` and `--kernel-series` are the lab's own kernel, which L2 boots here.)
+    #[arg(long, value_enum, default_value = "debian-6.12")]
+    pub distro: DebianKernel,
+}
+
+impl HostRecipeArgs {
+    pub fn run(self, g: &Global) -> Result<i32> {
+        run(&g.lab(self.lab)?, self.distro)
+    }
+}
+
 /// `labctl host-recipe`.
 pub fn run(lab: &Lab, kernel: DebianKernel) -> Result<i32> {
     // The recipe builds the port of the Debian kernel's own version; --kernel-series
@@ -596,14 +615,14 @@ pub fn run(lab: &Lab, kernel: DebianKernel) -> Result<i32> {
     let built = build_modules(lab, series, &dir, &root, &pair)?;
     let stage = stage_modules(&sh, &dir, &root, &pair.release)?;
     let image = image(lab, &sh, &p, &stage, &root, &built)?;
-    let debian = scenario::Prepared {
+    let debian = engine::Prepared {
         kernel: root.join(format!("boot/vmlinuz-{}", pair.release)),
         image,
         l1_cmdline_base: String::new(),
         ..p.clone()
     };
-    let mut l1_out = scenario::stream_output(Level::L1);
-    let mut l2_out = scenario::stream_output(Level::L2);
+    let mut l1_out = engine::stream_output(Level::L1);
+    let mut l2_out = engine::stream_output(Level::L2);
     let run = lab.run(&debian, "host-recipe", &job(lab), &[], |m: &Msg| {
         l1_out(m);
         l2_out(m);
@@ -614,12 +633,12 @@ pub fn run(lab: &Lab, kernel: DebianKernel) -> Result<i32> {
         &pair.release,
         run.kernel(Level::L1).as_deref(),
     ));
-    let (l2_checks, readings) = scenario::lab_l2_checks(&run);
+    let (l2_checks, readings) = crate::scenarios::lab::lab_l2_checks(&run);
     checks.extend(l2_checks);
     let mut results = lab.results(&debian, "host-recipe", &run, checks);
     results.readings = readings;
     results.l2 = Some(lab.l2_report(&run));
-    let path = scenario::write_results(&results, &run)?;
+    let path = engine::write_results(&results, &run)?;
     results.print_summary(&path);
     Ok(results.exit_code)
 }

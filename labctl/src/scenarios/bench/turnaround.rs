@@ -11,16 +11,47 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use clap::Args;
 use exitlab_proto::leaf::LEAF;
 use serde::Serialize;
 
+use crate::cli::{CommonArgs, Global};
+use crate::engine::Lab;
 use crate::error::{code, setup};
 use crate::kernel::KernelDirs;
 use crate::progress::{self, fmt_elapsed};
 use crate::report::Timings;
-use crate::scenario::{self, Lab, StressRequest};
-use crate::soak::median;
+use crate::scenarios::lab::run_lab;
+use crate::scenarios::soak::median;
+use crate::scenarios::stress::{self, StressRequest};
 use crate::verify::{self, Check};
+
+#[derive(Args)]
+pub struct TurnaroundArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// `labctl lab` runs (everything built).
+    #[arg(long, value_name = "N", default_value = "10")]
+    pub runs: u32,
+    /// `labctl stress --vcpus 4` runs (0: none).
+    #[arg(long, value_name = "M", default_value = "10")]
+    pub stress_runs: u32,
+    /// Also time a cold build in a scratch build directory (about 6 minutes on 2 cores).
+    #[arg(long)]
+    pub cold: bool,
+}
+
+impl TurnaroundArgs {
+    pub fn run(self, g: &Global) -> Result<i32> {
+        let req = TurnaroundRequest {
+            runs: self.runs,
+            stress_runs: self.stress_runs,
+            cold: self.cold,
+        };
+        req.validate()?;
+        turnaround(&g.lab(self.common.into())?, &req)
+    }
+}
 
 /// The goals of issue 13 (README "Where labctl lab's time goes").
 pub const GOAL_LAB_S: f64 = 7.0;
@@ -234,7 +265,7 @@ pub fn turnaround(lab: &Lab, req: &TurnaroundRequest) -> Result<i32> {
             ),
         );
         let t = Instant::now();
-        let code = scenario::stress(
+        let code = stress::stress(
             lab,
             &StressRequest {
                 sweep: vec![STRESS_VCPUS],
@@ -316,7 +347,7 @@ fn goal(name: &str, s: f64, goal_s: f64, what: &str) -> Check {
 /// One `labctl lab` run, quiet, with its step times.
 fn timed_lab(lab: &Lab, n: u32) -> Result<LabRun> {
     let t = Instant::now();
-    let (results, path) = scenario::run_lab(lab, |_| {})?;
+    let (results, path) = run_lab(lab, |_| {})?;
     let wall_s = t.elapsed().as_secs_f64();
     Ok(LabRun {
         n,
