@@ -16,7 +16,7 @@ use anyhow::{bail, Context, Result};
 use exitlab_proto::cpio::CpioWriter;
 use exitlab_proto::job::{Level, VmJob, FILES_DIR};
 use exitlab_proto::msg::Msg;
-use exitlab_proto::vm::{self, Accel, Chardev, Ports, VmSpec};
+use exitlab_proto::vm::{self, Accel, Chardev, Disk, DiskWrites, Ports, VmSpec};
 
 use crate::init::to_status;
 use crate::kvmstats::{self, VmStatsReader};
@@ -93,7 +93,7 @@ fn l2_spec(vm: &VmJob) -> VmSpec {
     } else {
         Ports::Serial
     };
-    let (cpu, kernel, initrd, append, mut extra) = match &vm.disk_boot {
+    let (cpu, kernel, initrd, append, disks) = match &vm.disk_boot {
         None => (
             L2_CPU,
             vm::l1::KERNEL.to_string(),
@@ -106,16 +106,12 @@ fn l2_spec(vm: &VmJob) -> VmSpec {
             files.join(&d.kernel).display().to_string(),
             files.join(&d.initrd).display().to_string(),
             d.cmdline.clone(),
-            vec![
-                "-drive".to_string(),
-                format!(
-                    "file={},if=virtio,format=raw,cache=unsafe",
-                    vm::esc(&d.disk)
-                ),
-            ],
+            vec![Disk {
+                path: d.disk.clone(),
+                writes: DiskWrites::Unflushed,
+            }],
         ),
     };
-    extra.extend(["-qmp".into(), format!("unix:{L2_QMP},server=on,wait=off")]);
     VmSpec {
         qemu: vm::l1::QEMU.into(),
         firmware_dir: Some(vm::l1::FIRMWARE_DIR.into()),
@@ -130,7 +126,8 @@ fn l2_spec(vm: &VmJob) -> VmSpec {
         proto: Chardev::Socket(L2_SOCKET.into()),
         ports,
         machine: vm.machine,
-        extra,
+        disks,
+        qmp: Some(L2_QMP.into()),
     }
 }
 
@@ -410,12 +407,8 @@ mod tests {
         assert_eq!(s.kernel, vm::l1::KERNEL);
         assert!(s.append.contains("EXITLAB_LEVEL=l2 quiet"), "{}", s.append);
         assert_eq!(s.accel, Accel::Kvm);
-        let args = s.args().join(" ");
-        assert!(
-            args.contains(&format!("unix:{L2_QMP},server=on,wait=off")),
-            "{args}"
-        );
-        assert!(!args.contains("-drive"), "{args}");
+        assert_eq!(s.qmp.as_deref(), Some(L2_QMP));
+        assert!(s.disks.is_empty());
     }
 
     #[test]
@@ -433,11 +426,12 @@ mod tests {
         assert_eq!(s.kernel, format!("/{FILES_DIR}/vmlinuz"));
         assert_eq!(s.initrd, format!("/{FILES_DIR}/initrd.img"));
         assert_eq!(s.append, "root=/dev/vda ro");
-        let args = s.args();
-        let i = args.iter().position(|a| a == "-drive").expect("a -drive");
-        assert!(
-            args[i + 1].starts_with("file=/dev/vdb,if=virtio"),
-            "{args:?}"
+        assert_eq!(
+            s.disks,
+            [Disk {
+                path: "/dev/vdb".into(),
+                writes: DiskWrites::Unflushed,
+            }]
         );
     }
 

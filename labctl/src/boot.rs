@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use exitlab_proto::job::Level;
 use exitlab_proto::msg::Msg;
-use exitlab_proto::vm::{self, kernel_cmdline, Chardev, VmSpec};
+use exitlab_proto::vm::{self, kernel_cmdline, Chardev, Disk, VmSpec};
 use xshell::{cmd, Shell};
 
 use crate::accel::AccelDecision;
@@ -68,18 +68,39 @@ impl RunLogs {
     }
 }
 
-pub struct BootSpec<'a> {
-    pub qemu: PathBuf,
+/// L1's VM: `kernel` and `initrd` on `accel`, its console into `logs`' file, the message
+/// stream on QEMU's stdout, QMP on `logs`' socket (for the registers of a hung L1).
+pub struct L1Vm<'a> {
+    pub qemu: &'a Path,
     pub accel: &'a AccelDecision,
-    pub l1_vcpus: u32,
-    pub l1_memory_mib: u32,
+    pub vcpus: u32,
+    pub memory_mib: u32,
     pub kernel: &'a Path,
     pub initrd: &'a Path,
-    pub timeout: Duration,
-    /// Extra QEMU arguments for L1 (e.g. `-icount`).
-    pub qemu_extra: Vec<String>,
-    /// Extra kernel command line for L1.
-    pub cmdline_extra: String,
+    /// L1's kernel command line after the lab's base (ports, panic).
+    pub cmdline: &'a str,
+    pub disks: Vec<Disk>,
+}
+
+pub fn l1_vm(l1: L1Vm, logs: &RunLogs) -> VmSpec {
+    VmSpec {
+        qemu: l1.qemu.display().to_string(),
+        firmware_dir: None,
+        accel: l1.accel.accel,
+        cpu: l1.accel.cpu.clone(),
+        vcpus: l1.vcpus,
+        memory_mib: l1.memory_mib,
+        kernel: l1.kernel.display().to_string(),
+        initrd: l1.initrd.display().to_string(),
+        append: kernel_cmdline(l1.cmdline),
+        console: Chardev::File(logs.l1_console.display().to_string()),
+        proto: Chardev::Stdio,
+        // L1 runs under TCG or on hardware: its port I/O costs little.
+        ports: vm::Ports::Serial,
+        machine: vm::Machine::Pc,
+        disks: l1.disks,
+        qmp: Some(logs.qmp.display().to_string()),
+    }
 }
 
 /// What a boot produced: every message, in order, and when L1 and L2 came up.
@@ -178,39 +199,19 @@ fn dump_l1_state(qmp: &Path, out: &Path, kernel: &Path) {
     let _ = fs::write(out, text);
 }
 
-/// Boots L1 with `spec`, calling `on_msg` for every message as it arrives.
-pub fn boot(spec: &BootSpec, logs: &RunLogs, mut on_msg: impl FnMut(&Msg)) -> Result<BootResult> {
+/// Boots L1 as `vm` says, for at most `timeout`, calling `on_msg` for every message as it
+/// arrives. `vm`'s console and QMP socket are `logs`' (see [`l1_vm`]).
+pub fn boot(
+    vm: &VmSpec,
+    timeout: Duration,
+    logs: &RunLogs,
+    mut on_msg: impl FnMut(&Msg),
+) -> Result<BootResult> {
     fs::create_dir_all(&logs.dir)?;
     File::create(&logs.l2_console)?;
     File::create(&logs.l1_console)?;
-    let vm = VmSpec {
-        qemu: spec.qemu.display().to_string(),
-        firmware_dir: None,
-        accel: spec.accel.accel,
-        cpu: spec.accel.cpu.clone(),
-        vcpus: spec.l1_vcpus,
-        memory_mib: spec.l1_memory_mib,
-        kernel: spec.kernel.display().to_string(),
-        initrd: spec.initrd.display().to_string(),
-        append: kernel_cmdline(&spec.cmdline_extra),
-        console: Chardev::File(logs.l1_console.display().to_string()),
-        proto: Chardev::Stdio,
-        // L1 runs under TCG or on hardware: its port I/O costs little.
-        ports: vm::Ports::Serial,
-        machine: vm::Machine::Pc,
-        extra: [
-            "-qmp".to_string(),
-            format!(
-                "unix:{},server=on,wait=off",
-                vm::esc(&logs.qmp.display().to_string())
-            ),
-        ]
-        .into_iter()
-        .chain(spec.qemu_extra.iter().cloned())
-        .collect(),
-    };
     let sh = Shell::new()?;
-    let qemu = &spec.qemu;
+    let qemu = &vm.qemu;
     let args = vm.args();
     let mut command: std::process::Command = cmd!(sh, "{qemu} {args...}").into();
     // QEMU goes with labctl, whatever ends labctl (Ctrl-C, kill, a panic).
@@ -220,7 +221,7 @@ pub fn boot(spec: &BootSpec, logs: &RunLogs, mut on_msg: impl FnMut(&Msg)) -> Re
         .stdout(Stdio::piped())
         .stderr(Stdio::from(File::create(&logs.qemu)?))
         .spawn()
-        .with_context(|| format!("starting {}", qemu.display()))?;
+        .with_context(|| format!("starting {qemu}"))?;
     let (tx, rx) = mpsc::channel();
     let stdout = child.stdout.take().context("QEMU's stdout")?;
     thread::spawn(move || {
@@ -239,7 +240,7 @@ pub fn boot(spec: &BootSpec, logs: &RunLogs, mut on_msg: impl FnMut(&Msg)) -> Re
     });
 
     let start = Instant::now();
-    let deadline = start + spec.timeout;
+    let deadline = start + timeout;
     let mut messages = OpenOptions::new()
         .create(true)
         .truncate(true)
@@ -258,10 +259,10 @@ pub fn boot(spec: &BootSpec, logs: &RunLogs, mut on_msg: impl FnMut(&Msg)) -> Re
         "boot",
         format!(
             "starting L1 ({}, {} vCPU{}, {} MiB); console: {}",
-            spec.accel.accel.name().to_uppercase(),
-            spec.l1_vcpus,
-            if spec.l1_vcpus == 1 { "" } else { "s" },
-            spec.l1_memory_mib,
+            vm.accel.name().to_uppercase(),
+            vm.vcpus,
+            if vm.vcpus == 1 { "" } else { "s" },
+            vm.memory_mib,
             logs.l1_console.display()
         ),
     );
@@ -315,7 +316,7 @@ pub fn boot(spec: &BootSpec, logs: &RunLogs, mut on_msg: impl FnMut(&Msg)) -> Re
             Ok(Event::Eof) => break,
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 if !l1_done {
-                    dump_l1_state(&logs.qmp, &logs.l1_registers, spec.kernel);
+                    dump_l1_state(&logs.qmp, &logs.l1_registers, Path::new(&vm.kernel));
                 }
                 kill(&mut child);
                 let _ = fs::remove_file(&logs.qmp);
@@ -328,7 +329,7 @@ pub fn boot(spec: &BootSpec, logs: &RunLogs, mut on_msg: impl FnMut(&Msg)) -> Re
                     _ => "the scenario did not finish",
                 };
                 return Err(LabError::Timeout {
-                    seconds: spec.timeout.as_secs(),
+                    seconds: timeout.as_secs(),
                     what: what.into(),
                     logs: logs.describe(),
                 }

@@ -8,10 +8,10 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 use exitlab_proto::job::{Job, Level, Step, VmJob};
 use exitlab_proto::msg::{Msg, Status, Stream, VmStats};
-use exitlab_proto::vm::{l1, Machine};
+use exitlab_proto::vm::{l1, Disk, Machine};
 
 use crate::accel::{self, AccelDecision, HostFacts};
-use crate::boot::{self, BootResult, BootSpec, RunLogs};
+use crate::boot::{self, BootResult, L1Vm, RunLogs};
 use crate::config::LabConfig;
 use crate::doctor::{self, Need};
 use crate::error::code;
@@ -146,14 +146,14 @@ impl Lab {
         self.run_with(p, scenario, job, files, vec![], on_msg)
     }
 
-    /// As [`Lab::run`], with extra QEMU arguments for L1 (e.g. a disk).
+    /// As [`Lab::run`], with disks for L1 (e.g. the image of a guest L2 boots from).
     pub fn run_with(
         &self,
         p: &Prepared,
         scenario: &str,
         job: &Job,
         files: &[UserFile],
-        qemu_extra: Vec<String>,
+        disks: Vec<Disk>,
         on_msg: impl FnMut(&Msg),
     ) -> Result<Run> {
         let dir = boot::new_run_dir(&self.cfg.build_dir, scenario)?;
@@ -162,18 +162,20 @@ impl Lab {
         let started = std::time::Instant::now();
         images::run_initrd(&p.image, job, files, &initrd)?;
         let image = started.elapsed();
-        let spec = BootSpec {
-            qemu: p.qemu.clone(),
-            accel: &p.accel,
-            l1_vcpus: self.cfg.l1_vcpus(p.accel.accel),
-            l1_memory_mib: self.cfg.l1_memory_mib,
-            kernel: &p.kernel,
-            initrd: &initrd,
-            timeout: self.cfg.timeout,
-            qemu_extra,
-            cmdline_extra: l1_cmdline(&p.l1_cmdline_base, &self.l1_cmdline),
-        };
-        let result = boot::boot(&spec, &logs, on_msg);
+        let vm = boot::l1_vm(
+            L1Vm {
+                qemu: &p.qemu,
+                accel: &p.accel,
+                vcpus: self.cfg.l1_vcpus(p.accel.accel),
+                memory_mib: self.cfg.l1_memory_mib,
+                kernel: &p.kernel,
+                initrd: &initrd,
+                cmdline: &l1_cmdline(&p.l1_cmdline_base, &self.l1_cmdline),
+                disks,
+            },
+            &logs,
+        );
+        let result = boot::boot(&vm, self.cfg.timeout, &logs, on_msg);
         // The run's initrd is a copy of the cached image plus the job: not worth keeping.
         let _ = std::fs::remove_file(&initrd);
         Ok(Run {

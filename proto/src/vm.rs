@@ -161,8 +161,41 @@ pub struct VmSpec {
     pub ports: Ports,
     /// A microvm needs `ports` to be [`Ports::Virtio`] (it has no second UART).
     pub machine: Machine,
-    /// Anything else, e.g. `-icount`.
-    pub extra: Vec<String>,
+    /// Disks, in order (the first is the guest's `/dev/vda`).
+    pub disks: Vec<Disk>,
+    /// A QMP socket the launcher can connect to (QEMU listens; it does not wait).
+    pub qmp: Option<String>,
+}
+
+/// A raw disk image on virtio-blk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Disk {
+    pub path: String,
+    pub writes: DiskWrites,
+}
+
+/// What becomes of what the guest writes to a [`Disk`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskWrites {
+    /// Kept in a temporary overlay and dropped with QEMU: the image is never changed
+    /// (`snapshot=on`), so one image serves every boot.
+    Discarded,
+    /// Written to the image, never flushed to stable storage (`cache=unsafe`): for a
+    /// scratch copy that lives only as long as the VM.
+    Unflushed,
+}
+
+impl Disk {
+    fn args(&self) -> Vec<String> {
+        let writes = match self.writes {
+            DiskWrites::Discarded => "snapshot=on",
+            DiskWrites::Unflushed => "cache=unsafe",
+        };
+        vec![
+            "-drive".into(),
+            format!("file={},if=virtio,format=raw,{writes}", esc(&self.path)),
+        ]
+    }
 }
 
 /// QEMU option values are comma separated; a literal comma is written twice.
@@ -271,7 +304,12 @@ impl VmSpec {
                 ])
             }
         }
-        a.extend(self.extra.iter().cloned());
+        for d in &self.disks {
+            a.extend(d.args());
+        }
+        if let Some(q) = &self.qmp {
+            a.extend(["-qmp".into(), format!("unix:{},server=on,wait=off", esc(q))]);
+        }
         a
     }
 }
@@ -296,7 +334,8 @@ mod tests {
             proto: Chardev::Socket("/run/a,b.sock".into()),
             ports: Ports::Serial,
             machine: Machine::Pc,
-            extra: vec![],
+            disks: vec![],
+            qmp: None,
         };
         let a = spec.args();
         let serials: Vec<_> = a
@@ -310,6 +349,59 @@ mod tests {
         assert!(a.windows(2).any(|w| w == ["-smp", "4"]));
         assert!(a.windows(2).any(|w| w == ["-m", "256M"]));
         assert!(a.contains(&"-no-reboot".to_string()));
+    }
+
+    #[test]
+    fn disks_and_qmp_are_typed_and_escaped() {
+        let spec = VmSpec {
+            qemu: "qemu".into(),
+            firmware_dir: None,
+            accel: Accel::Tcg,
+            cpu: "max".into(),
+            vcpus: 1,
+            memory_mib: 512,
+            kernel: "k".into(),
+            initrd: "i".into(),
+            append: kernel_cmdline(""),
+            console: Chardev::Stdio,
+            proto: Chardev::Stdio,
+            ports: Ports::Serial,
+            machine: Machine::Pc,
+            disks: vec![
+                Disk {
+                    path: "/img/a,b.raw".into(),
+                    writes: DiskWrites::Discarded,
+                },
+                Disk {
+                    path: "/dev/vda".into(),
+                    writes: DiskWrites::Unflushed,
+                },
+            ],
+            qmp: Some("/run/q,1.sock".into()),
+        };
+        let a = spec.args();
+        let drives: Vec<_> = a
+            .windows(2)
+            .filter(|w| w[0] == "-drive")
+            .map(|w| w[1].as_str())
+            .collect();
+        assert_eq!(
+            drives,
+            [
+                "file=/img/a,,b.raw,if=virtio,format=raw,snapshot=on",
+                "file=/dev/vda,if=virtio,format=raw,cache=unsafe"
+            ]
+        );
+        assert!(a
+            .windows(2)
+            .any(|w| w == ["-qmp", "unix:/run/q,,1.sock,server=on,wait=off"]));
+        let bare = VmSpec {
+            disks: vec![],
+            qmp: None,
+            ..spec
+        }
+        .args();
+        assert!(!bare.iter().any(|x| x == "-drive" || x == "-qmp"));
     }
 
     #[test]
@@ -328,7 +420,8 @@ mod tests {
             proto: Chardev::Socket("/run/p.sock".into()),
             ports: Ports::Virtio,
             machine: Machine::Microvm,
-            extra: vec![],
+            disks: vec![],
+            qmp: None,
         };
         let a = spec.args();
         assert!(!a.contains(&"-serial".to_string()));

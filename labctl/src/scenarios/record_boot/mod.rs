@@ -28,7 +28,7 @@ use anyhow::Result;
 use clap::{Args, ValueEnum};
 use exitlab_proto::job::{DiskBoot, Job, Level, Recording, Step, VmJob};
 use exitlab_proto::msg::{Msg, STAT_EXITS, STAT_EXIT_CYCLES};
-use exitlab_proto::vm::{self, l1, Machine};
+use exitlab_proto::vm::{l1, Disk, DiskWrites, Machine};
 use serde::Serialize;
 
 use crate::cli::{Global, LabArgs};
@@ -218,7 +218,7 @@ pub fn record_boot(lab: &Lab, req: &RecordRequest) -> Result<i32> {
     if req.guest == Guest::Debian {
         p.l1_cmdline_base = engine::l1_cmdline(&p.l1_cmdline_base, DEBIAN_L1_TICK);
     }
-    let (job, files, extra) = match req.guest {
+    let (job, files, disks) = match req.guest {
         Guest::Minimal => (l2_job(lab, req, None), vec![], vec![]),
         Guest::Debian => {
             let boot_done = lab
@@ -238,14 +238,12 @@ pub fn record_boot(lab: &Lab, req: &RecordRequest) -> Result<i32> {
                 disk: "/dev/vda".into(),
                 cmdline: format!("{} exitlab.idle_ms={}", debian::CMDLINE, req.idle_s * 1000),
             };
-            let extra = vec![
-                "-drive".to_string(),
-                format!(
-                    "file={},if=virtio,format=raw,snapshot=on",
-                    vm::esc(&img.disk.display().to_string())
-                ),
-            ];
-            (l2_job(lab, req, Some(disk)), files, extra)
+            // One image serves every boot: what the guest writes is dropped with L1.
+            let disk_image = Disk {
+                path: img.disk.display().to_string(),
+                writes: DiskWrites::Discarded,
+            };
+            (l2_job(lab, req, Some(disk)), files, vec![disk_image])
         }
     };
     progress::note(
@@ -261,7 +259,7 @@ pub fn record_boot(lab: &Lab, req: &RecordRequest) -> Result<i32> {
         ),
     );
     let mut msgs: Vec<Msg> = Vec::new();
-    let run = lab.run_with(&p, "record-boot", &job, &files, extra, |m| {
+    let run = lab.run_with(&p, "record-boot", &job, &files, disks, |m| {
         if let Msg::Console {
             level: Level::L2,
             line,
