@@ -238,14 +238,12 @@ impl Lab {
                 kernel: run.kernel(Level::L1),
             },
             l2: None,
-            readings: vec![],
             kvm_stats: run
                 .stats()
                 .iter()
                 .map(|(k, v)| (k.clone(), StatsReport::from(v)))
                 .collect(),
             checks,
-            stress: None,
             notes,
             timings: Timings {
                 build_s: p.built_in.map(|d| d.as_secs_f64()),
@@ -256,6 +254,7 @@ impl Lab {
                 total_s: run.boot.total.as_secs_f64(),
             },
             logs: run.logs.clone(),
+            body: None,
         }
     }
 }

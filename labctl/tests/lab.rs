@@ -88,7 +88,7 @@ fn lab_prints_growing_readings_that_match_kvm_statistics() {
     let r = growing_readings(&o);
 
     let y = results(&o);
-    assert_eq!(y["schema"].as_str(), Some("kvm-exit-lab/results/v1"));
+    assert_eq!(y["schema"].as_str(), Some("kvm-exit-lab/results/v2"));
     assert_eq!(y["ok"].as_bool(), Some(true));
     let checks = y["checks"].as_sequence().unwrap();
     let names: Vec<_> = checks.iter().map(|c| c["name"].as_str().unwrap()).collect();
@@ -134,7 +134,7 @@ fn lab_prints_growing_readings_that_match_kvm_statistics() {
     }
     // The results file holds the same readings as stdout, and KVM's own totals bound them.
     assert_eq!(
-        y["readings"][1]["exits"].as_u64(),
+        y["lab"]["readings"][1]["exits"].as_u64(),
         Some(u64::from(r[1].exits))
     );
     let s2 = &y["kvm_stats"]["after-2"];
@@ -780,6 +780,10 @@ fn stress_at_1_and_4_vcpus_is_exact() {
         .collect();
     assert_eq!(per.len(), 4, "{share}");
     assert!(per.iter().all(|&e| e >= k), "{share}");
+    // The first boot's results (1 vCPU) hold its own readings and figures under `stress:`.
+    let y = results(&o);
+    assert_eq!(y["stress"]["figures"]["cpuids"].as_u64(), Some(k));
+    assert_eq!(y["stress"]["readings"].as_sequence().map(Vec::len), Some(2));
 }
 
 #[test]

@@ -10,6 +10,7 @@ use exitlab_proto::job::{Level, Step};
 use crate::cli::{Global, LabArgs};
 use crate::engine::{l2_vm, stream_output, write_results, Lab};
 use crate::images::UserFile;
+use crate::report::Body;
 use crate::verify::Check;
 
 #[derive(Args)]
@@ -68,6 +69,10 @@ pub fn exec(lab: &Lab, files: &[PathBuf], argv: &[String]) -> Result<i32> {
     );
     results.exit_code = code;
     results.l2 = Some(lab.l2_report(&run));
+    results.body = Some(Body::Exec {
+        argv: argv.to_vec(),
+        status: status.map(|s| s.to_string()),
+    });
     let path = write_results(&results, &run)?;
     eprintln!("[exec] {detail}; results: {}", path.display());
     if code != 0 {

@@ -34,6 +34,7 @@ use crate::error::setup;
 use crate::images::{self, ImageFile};
 use crate::kernel::KernelDirs;
 use crate::progress::{self, Progress};
+use crate::report::Body;
 use crate::series::KernelSeries;
 use crate::verify::Check;
 
@@ -636,7 +637,7 @@ pub fn run(lab: &Lab, kernel: DebianKernel) -> Result<i32> {
     let (l2_checks, readings) = crate::scenarios::lab::lab_l2_checks(&run);
     checks.extend(l2_checks);
     let mut results = lab.results(&debian, "host-recipe", &run, checks);
-    results.readings = readings;
+    results.body = Some(Body::HostRecipe { readings });
     results.l2 = Some(lab.l2_report(&run));
     let path = engine::write_results(&results, &run)?;
     results.print_summary(&path);

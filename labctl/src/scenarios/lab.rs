@@ -10,7 +10,7 @@ use exitlab_proto::leaf::ExitStats;
 use exitlab_proto::msg::Msg;
 
 use crate::engine::{guest_program, l2_vm, stream_output, write_results, Lab, Run};
-use crate::report::Results;
+use crate::report::{Body, Results};
 use crate::verify::{self, Check};
 
 /// The lab's L2 steps: `test_assignment2` twice, then `test_assignment3` for CPUID's
@@ -88,7 +88,7 @@ pub fn run_lab(lab: &Lab, on_msg: impl FnMut(&Msg)) -> Result<(Results, PathBuf)
     let (l2_checks, readings) = lab_l2_checks(&run);
     checks.extend(l2_checks);
     let mut results = lab.results(&p, "lab", &run, checks);
-    results.readings = readings;
+    results.body = Some(Body::Lab { readings });
     results.l2 = Some(lab.l2_report(&run));
     let path = write_results(&results, &run)?;
     Ok((results, path))

@@ -7,9 +7,11 @@ use anyhow::Result;
 use clap::Args;
 use exitlab_proto::job::{Level, Step};
 use exitlab_proto::stress::{StressReport, StressSpec};
+use serde::Serialize;
 
 use crate::cli::{parse_count, parse_leaf, vcpu_list, CommonArgs, Global, LabArgs, VcpuList};
 use crate::engine::{l2_vm, write_results, write_summary, Lab};
+use crate::report::Body;
 use crate::verify::{self, Check};
 
 #[derive(Args)]
@@ -173,32 +175,63 @@ pub fn stress(lab: &Lab, req: &StressRequest) -> Result<i32> {
             figures = Some(f);
         }
         let mut results = one.results(&p, "stress", &run, checks);
-        results.readings = report.iter().flat_map(|r| [r.before, r.after]).collect();
         results.l2 = Some(one.l2_report(&run));
-        results.stress = figures.clone();
+        results.body = Some(Body::Stress {
+            readings: report.iter().flat_map(|r| [r.before, r.after]).collect(),
+            figures: figures.clone(),
+        });
         results.notes.extend(notes);
         let path = write_results(&results, &run)?;
         results.print_summary(&path);
         println!();
         // The worst of the boots: a crashed VM (126) over a failed check (1).
         exit_code = exit_code.max(results.exit_code);
-        rows.push((v, results.ok, figures, path));
+        rows.push(StressRow {
+            vcpus: v,
+            ok: results.ok,
+            figures,
+            results: path,
+        });
     }
     print_stress_table(&rows);
-    let sweep = write_summary(lab, "stress-sweep", &rows)?;
+    let sweep = write_summary(
+        lab,
+        "stress-sweep",
+        &StressSweep {
+            schema: SWEEP_SCHEMA,
+            rows: &rows,
+        },
+    )?;
     println!("sweep:    {}", sweep.display());
     Ok(exit_code)
 }
 
-type StressRow = (u32, bool, Option<verify::StressFigures>, PathBuf);
+/// `build/runs/stress-sweep-<pid>.yaml`: one row per boot of the sweep.
+pub const SWEEP_SCHEMA: &str = "kvm-exit-lab/stress-sweep/v1";
+
+#[derive(Serialize)]
+struct StressSweep<'a> {
+    schema: &'static str,
+    rows: &'a [StressRow],
+}
+
+#[derive(Serialize)]
+struct StressRow {
+    vcpus: u32,
+    ok: bool,
+    figures: Option<verify::StressFigures>,
+    /// That boot's results.yaml.
+    results: PathBuf,
+}
 
 fn print_stress_table(rows: &[StressRow]) {
     println!(
         "{:>5} {:>7} {:>10} {:>10} {:>14} {:>12} {:>12}  checks",
         "vCPUs", "threads", "exits", "exits/s", "exits/s/vCPU", "cycles/exit", "excess"
     );
-    for (v, ok, f, _) in rows {
-        match f {
+    for r in rows {
+        let (v, ok) = (r.vcpus, r.ok);
+        match &r.figures {
             Some(f) => println!(
                 "{:>5} {:>7} {:>10} {:>10.0} {:>14.0} {:>12.0} {:>12}  {}",
                 v,
@@ -208,7 +241,7 @@ fn print_stress_table(rows: &[StressRow]) {
                 f.exits_per_s_per_vcpu,
                 f.cycles_per_exit,
                 f.excess_exits,
-                if *ok { "ok" } else { "FAIL" }
+                if ok { "ok" } else { "FAIL" }
             ),
             None => println!("{v:>5} {:>7} (no report)  FAIL", "-"),
         }
