@@ -195,7 +195,7 @@ pub(crate) fn run_vm(vm: &VmJob, tx: &Sender) -> Result<bool> {
             tx.send(&Msg::Console {
                 level: Level::L2,
                 line: format!(
-                    "exitlab: L2's QEMU did not exit within {QEMU_EXIT_AFTER_DONE:?} after L2 was done; killed it (README, Reliability)"
+                    "exitlab: L2's QEMU did not exit within {QEMU_EXIT_AFTER_DONE:?} after L2 was done; killed it (docs/measurements.md, Reliability)"
                 ),
                 t_us: Some(micros(start)),
             });
@@ -352,7 +352,7 @@ fn relay_l2(stream: UnixStream, pid: i32, recording: Option<Clock>, tx: &Sender)
                 // chardev only when its main loop next runs, and with ioeventfd off the
                 // open was handled on the vCPU thread, which does not wake the main loop:
                 // without this, a reply sent before anything else woke it would sit in
-                // the socket for ever (README, "Reliability").
+                // the socket for ever (docs/measurements.md, "Reliability").
                 stats
                     .wake()
                     .context("waking L2's QEMU after L2 opened its port")?;

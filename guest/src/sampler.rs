@@ -193,7 +193,7 @@ pub(crate) fn sample(
 
 /// L1's local APIC timer interrupts so far (`LOC` in /proc/interrupts, summed over CPUs).
 /// A late sample with many of them says L1's timer fired and the sampler was not run; with
-/// none, that the timer interrupt itself did not reach L1 (README, "Reliability").
+/// none, that the timer interrupt itself did not reach L1 (docs/measurements.md, "Reliability").
 pub(crate) fn local_timer_interrupts() -> Option<u64> {
     loc_interrupts(&fs::read_to_string("/proc/interrupts").ok()?)
 }

@@ -33,7 +33,7 @@ pub struct CommonArgs {
     #[arg(long, value_name = "SIZE", value_parser = config::parse_memory)]
     pub memory: Option<u32>,
     /// vCPUs of L1 (default: 1 under TCG, where L1 vCPUs running at once crash nested
-    /// guests now and then, see README "Reliability"; 2-4 on hardware KVM).
+    /// guests now and then, see docs/measurements.md, "Reliability"; 2-4 on hardware KVM).
     #[arg(long, value_name = "N")]
     pub l1_vcpus: Option<u32>,
     /// Memory of L1 (MiB, or with M/G).

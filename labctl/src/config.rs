@@ -95,7 +95,7 @@ impl FileConfig {
         }
         serde_yaml_ng::from_str(text).map_err(|e| {
             setup(format!(
-                "{}: {e}\n  (keys: accel, timeout, kernel_series, kernel_src, build_dir, l1.vcpus, l1.memory_mib, l2.vcpus, l2.memory_mib; see README.md)",
+                "{}: {e}\n  (keys: accel, timeout, kernel_series, kernel_src, build_dir, l1.vcpus, l1.memory_mib, l2.vcpus, l2.memory_mib; see docs/usage.md)",
                 origin.display()
             ))
         })
@@ -109,7 +109,7 @@ impl FileConfig {
 }
 
 /// L1's vCPUs when not asked: one under TCG, where L1's vCPUs running at once (one host
-/// thread each) crash nested guests now and then (README, "The crashes"); under hardware
+/// thread each) crash nested guests now and then (docs/measurements.md, "The crashes"); under hardware
 /// KVM, up to four.
 pub fn default_l1_vcpus(accel: Accel) -> u32 {
     match accel {

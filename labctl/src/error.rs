@@ -2,7 +2,7 @@
 
 use exitlab_proto::job::Level;
 
-/// Exit statuses (also documented in README.md and `labctl --help`).
+/// Exit statuses (also documented in README.md, docs/usage.md and `labctl --help`).
 pub mod code {
     /// A scenario ran, and one of its checks failed.
     pub const SCENARIO_FAILED: u8 = 1;

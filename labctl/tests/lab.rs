@@ -19,7 +19,7 @@ const BOOT_TIMEOUT: &str = "300";
 /// `BOOT_TIMEOUT` seconds and fail: the lost timer wake-ups that used to hang L2 were a
 /// KVM bug, fixed in kernel/6.12/patches/0001. Nothing is run twice: a crashed VM (125, 126)
 /// fails the test. (L1's vCPUs running at once under TCG crashed nested guests now and
-/// then; the lab gives L1 one vCPU under TCG unless asked: README, "Reliability".)
+/// then; the lab gives L1 one vCPU under TCG unless asked: docs/measurements.md, "Reliability".)
 fn boot(args: &[&str]) -> Output {
     let mut args: Vec<&str> = args.to_vec();
     if !args.contains(&"--timeout") {
@@ -927,7 +927,7 @@ fn scaling_flips_accounting_before_anything_else_wakes_l2s_qemu() {
     // The bench's first L2 step asks L1 to set a parameter: L1's answer is the first byte
     // L2's QEMU must read from the protocol socket, before any checkpoint had L1 talk to
     // that QEMU over QMP. QEMU 7.2 did not read it until its main loop woke for another
-    // reason, and the bench hung every time (README, "Reliability").
+    // reason, and the bench hung every time (docs/measurements.md, "Reliability").
     let o = boot(&[
         "bench",
         "scaling",

@@ -102,7 +102,7 @@ pub fn no_stalls(consoles: &[(&str, &std::path::Path)]) -> Check {
             "no RCU stall, lost timer wake-up, soft lockup or stretched clock read in L1's or L2's console".to_string()
         } else {
             format!(
-                "the guest stalled (a lab that stalls is broken, see README \"Reliability\"): {}",
+                "the guest stalled (a lab that stalls is broken, see docs/measurements.md, \"Reliability\"): {}",
                 found.join(" | ")
             )
         },

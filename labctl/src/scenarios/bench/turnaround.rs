@@ -5,7 +5,7 @@
 //! median, minimum and maximum of each step; then a rebuild after touching
 //! `arch/x86/kvm/x86.c` followed by the lab, `stress --vcpus 4` M times and, with
 //! `--cold`, a cold build in a scratch build directory. Each figure is checked against
-//! the goal the README states.
+//! the goal docs/measurements.md states.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -53,7 +53,7 @@ impl TurnaroundArgs {
     }
 }
 
-/// The goals of issue 13 (README "Where labctl lab's time goes").
+/// The goals of issue 13 (docs/measurements.md, "Where labctl lab's time goes").
 pub const GOAL_LAB_S: f64 = 7.0;
 pub const GOAL_LAB_SPREAD: f64 = 1.5;
 pub const GOAL_TOUCH_S: f64 = 20.0;

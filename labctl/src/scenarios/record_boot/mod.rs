@@ -189,7 +189,7 @@ fn l2_job(lab: &Lab, req: &RecordRequest, disk_boot: Option<DiskBoot>) -> Job {
 /// and L1's one-shot timer is then never re-armed until another interrupt comes: L1 stood
 /// still for up to 1.2 s in about one Debian boot in ten, whose 10 000-15 000 I/O exits a
 /// second make the race likely. With a periodic tick a lost request costs one tick (4 ms).
-/// README, "Reliability".
+/// docs/measurements.md, "Reliability".
 const DEBIAN_L1_TICK: &str = "highres=off nohz=off";
 
 /// `labctl record-boot`.
