@@ -145,7 +145,7 @@ fn kill(child: &mut Child) {
 /// QEMU's monitor: where L1 was when it stopped answering; with the functions of the RIPs
 /// if the kernel was built here (its `vmlinux` next to `arch/x86/boot/bzImage`). Best
 /// effort: a QEMU too far gone to answer within a few seconds leaves a note instead.
-fn dump_l1_state(qmp: &Path, out: &Path, kernel: &Path) {
+fn dump_l1_state(sh: &Shell, qmp: &Path, out: &Path, kernel: &Path) {
     fn ask(qmp: &Path) -> std::io::Result<String> {
         let s = std::os::unix::net::UnixStream::connect(qmp)?;
         s.set_read_timeout(Some(Duration::from_secs(5)))?;
@@ -190,10 +190,8 @@ fn dump_l1_state(qmp: &Path, out: &Path, kernel: &Path) {
         .collect();
     if let (Some(v), false) = (vmlinux.filter(|v| v.is_file()), rips.is_empty()) {
         let addrs: Vec<String> = rips.iter().map(|r| format!("0x{r}")).collect();
-        if let Ok(sh) = Shell::new() {
-            if let Ok(f) = cmd!(sh, "addr2line -f -i -e {v} {addrs...}").quiet().read() {
-                text += &format!("RIPs in {}:\n{f}\n", v.display());
-            }
+        if let Ok(f) = cmd!(sh, "addr2line -f -i -e {v} {addrs...}").quiet().read() {
+            text += &format!("RIPs in {}:\n{f}\n", v.display());
         }
     }
     let _ = fs::write(out, text);
@@ -202,6 +200,7 @@ fn dump_l1_state(qmp: &Path, out: &Path, kernel: &Path) {
 /// Boots L1 as `vm` says, for at most `timeout`, calling `on_msg` for every message as it
 /// arrives. `vm`'s console and QMP socket are `logs`' (see [`l1_vm`]).
 pub fn boot(
+    sh: &Shell,
     vm: &VmSpec,
     timeout: Duration,
     logs: &RunLogs,
@@ -210,7 +209,6 @@ pub fn boot(
     fs::create_dir_all(&logs.dir)?;
     File::create(&logs.l2_console)?;
     File::create(&logs.l1_console)?;
-    let sh = Shell::new()?;
     let qemu = &vm.qemu;
     let args = vm.args();
     let mut command: std::process::Command = cmd!(sh, "{qemu} {args...}").into();
@@ -316,7 +314,7 @@ pub fn boot(
             Ok(Event::Eof) => break,
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 if !l1_done {
-                    dump_l1_state(&logs.qmp, &logs.l1_registers, Path::new(&vm.kernel));
+                    dump_l1_state(sh, &logs.qmp, &logs.l1_registers, Path::new(&vm.kernel));
                 }
                 kill(&mut child);
                 let _ = fs::remove_file(&logs.qmp);

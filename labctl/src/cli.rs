@@ -4,8 +4,10 @@
 //! `scenarios/`.
 
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 use clap::Args;
+use xshell::Shell;
 
 use crate::config::{self, AccelChoice, FileConfig, LabConfig, Overrides};
 use crate::engine::{self, Lab};
@@ -15,10 +17,12 @@ use crate::lock;
 use crate::series;
 
 /// `--config` and `--repo`, which every subcommand takes.
-#[derive(Debug, Clone, Default)]
+/// One `xshell::Shell` for the whole command, made in `main` and passed down: every
+/// external command labctl runs goes through it.
 pub struct Global {
     pub config: Option<PathBuf>,
     pub repo: Option<PathBuf>,
+    pub sh: Rc<Shell>,
 }
 
 #[derive(Args, Clone, Default)]
@@ -166,6 +170,7 @@ impl Global {
         }
         let lock = std::sync::Arc::new(lock::BuildLock::acquire(&cfg.build_dir)?);
         Ok(Lab {
+            sh: self.sh.clone(),
             lock,
             cfg,
             repo,

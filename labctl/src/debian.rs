@@ -83,7 +83,7 @@ fn dir(build_dir: &Path) -> PathBuf {
 }
 
 /// The cached image, built if missing or out of date. `boot_done` is the static binary.
-pub fn image(build_dir: &Path, boot_done: &Path) -> Result<DebianImage> {
+pub fn image(sh: &Shell, build_dir: &Path, boot_done: &Path) -> Result<DebianImage> {
     let out = dir(build_dir);
     let recipe = Recipe {
         suite: SUITE.into(),
@@ -104,10 +104,10 @@ pub fn image(build_dir: &Path, boot_done: &Path) -> Result<DebianImage> {
             }
         }
     }
-    build(&out, recipe, boot_done)
+    build(sh, &out, recipe, boot_done)
 }
 
-fn build(out: &Path, recipe: Recipe, boot_done: &Path) -> Result<DebianImage> {
+fn build(sh: &Shell, out: &Path, recipe: Recipe, boot_done: &Path) -> Result<DebianImage> {
     doctor::require(&[
         Need::Executable("debootstrap"),
         Need::Executable("mkfs.ext4"),
@@ -120,10 +120,9 @@ fn build(out: &Path, recipe: Recipe, boot_done: &Path) -> Result<DebianImage> {
     fs::create_dir_all(out)?;
     // The stamp goes first and comes back last: a build cut short is never taken as done.
     let _ = fs::remove_file(out.join("image.yaml"));
-    let root = bootstrap(out)?;
+    let root = bootstrap(sh, out)?;
     let p = Progress::new("debian");
     configure(&root, boot_done)?;
-    let sh = Shell::new()?;
     let format = "${Package} ${Version}\n";
     let packages = cmd!(sh, "chroot {root} dpkg-query -W -f={format}")
         .quiet()
@@ -132,7 +131,7 @@ fn build(out: &Path, recipe: Recipe, boot_done: &Path) -> Result<DebianImage> {
     fs::write(out.join("packages.txt"), format!("{packages}\n"))?;
     let (kernel, initrd, kernel_release) = take_boot_files(&root, out)?;
     let disk = out.join("disk.img");
-    make_disk(&sh, &root, &disk)?;
+    make_disk(sh, &root, &disk)?;
     let img = DebianImage {
         disk,
         kernel,
@@ -147,7 +146,7 @@ fn build(out: &Path, recipe: Recipe, boot_done: &Path) -> Result<DebianImage> {
 
 /// The debootstrapped tree, `out/rootfs`: reused while suite, mirror and packages are the
 /// same (`rootfs.yaml`), so changing what `configure` adds does not download again.
-fn bootstrap(out: &Path) -> Result<PathBuf> {
+fn bootstrap(sh: &Shell, out: &Path) -> Result<PathBuf> {
     let root = out.join("rootfs");
     let stamp = out.join("rootfs.yaml");
     let want =
@@ -170,7 +169,6 @@ fn bootstrap(out: &Path) -> Result<PathBuf> {
             log.display()
         ),
     );
-    let sh = Shell::new()?;
     let command: std::process::Command = cmd!(
         sh,
         "debootstrap --variant={VARIANT} --include={INCLUDE} {SUITE} {root} {MIRROR}"

@@ -4,11 +4,13 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 use anyhow::Result;
 use exitlab_proto::job::{Job, Level, Step, VmJob};
 use exitlab_proto::msg::{Msg, Status, Stream, VmStats};
 use exitlab_proto::vm::{l1, Disk, Machine};
+use xshell::Shell;
 
 use crate::accel::{self, AccelDecision, HostFacts};
 use crate::boot::{self, BootResult, L1Vm, RunLogs};
@@ -22,6 +24,8 @@ use crate::verify::{self, Check};
 
 /// Everything a scenario needs before it boots.
 pub struct Lab {
+    /// The command's one shell (`cli::Global`).
+    pub sh: Rc<Shell>,
     /// The build directory's lock, held while this labctl uses it.
     pub lock: std::sync::Arc<crate::lock::BuildLock>,
     pub cfg: LabConfig,
@@ -64,6 +68,7 @@ impl Lab {
     pub fn with_config(&self, cfg: LabConfig) -> Result<Lab> {
         cfg.validate()?;
         Ok(Lab {
+            sh: self.sh.clone(),
             lock: self.lock.clone(),
             cfg,
             repo: self.repo.clone(),
@@ -75,6 +80,7 @@ impl Lab {
     /// The same lab with `extra` appended to L1's kernel command line.
     pub fn with_l1_cmdline(&self, extra: &str) -> Lab {
         Lab {
+            sh: self.sh.clone(),
             lock: self.lock.clone(),
             cfg: self.cfg.clone(),
             repo: self.repo.clone(),
@@ -94,7 +100,7 @@ impl Lab {
             _ => {
                 let dirs = KernelDirs::new(&self.cfg.build_dir, self.cfg.kernel_series);
                 let info = kernel::build(
-                    &xshell::Shell::new()?,
+                    &self.sh,
                     &dirs,
                     &KernelInputs {
                         series: self.cfg.kernel_series,
@@ -118,9 +124,9 @@ impl Lab {
             None => {
                 let guest = match &self.artifacts.guest_dir {
                     Some(d) => d.clone(),
-                    None => images::build_guest(&self.repo, &self.cfg.build_dir)?,
+                    None => images::build_guest(&self.sh, &self.repo, &self.cfg.build_dir)?,
                 };
-                images::l1_base_image(&self.cfg.build_dir, &kernel, &guest, &selftest)?
+                images::l1_base_image(&self.sh, &self.cfg.build_dir, &kernel, &guest, &selftest)?
             }
         };
         Ok(Prepared {
@@ -175,7 +181,7 @@ impl Lab {
             },
             &logs,
         );
-        let result = boot::boot(&vm, self.cfg.timeout, &logs, on_msg);
+        let result = boot::boot(&self.sh, &vm, self.cfg.timeout, &logs, on_msg);
         // The run's initrd is a copy of the cached image plus the job: not worth keeping.
         let _ = std::fs::remove_file(&initrd);
         Ok(Run {

@@ -38,7 +38,7 @@ pub struct Artifacts {
 }
 
 /// Builds the guest programs static, with cargo, into `build/guest`.
-pub fn build_guest(repo: &Path, build_dir: &Path) -> Result<PathBuf> {
+pub fn build_guest(sh: &Shell, repo: &Path, build_dir: &Path) -> Result<PathBuf> {
     doctor::require(&[Need::Executable("cargo")])?;
     let manifest = repo.join("Cargo.toml");
     if !manifest.is_file() {
@@ -48,8 +48,7 @@ pub fn build_guest(repo: &Path, build_dir: &Path) -> Result<PathBuf> {
         )));
     }
     let target_dir = build_dir.join("guest-target");
-    let sh = Shell::new()?;
-    sh.set_var("RUSTFLAGS", "-C target-feature=+crt-static");
+    let _rustflags = sh.push_env("RUSTFLAGS", "-C target-feature=+crt-static");
     let p = Progress::new("guest");
     cmd!(
         sh,
@@ -111,7 +110,7 @@ pub fn parse_ldd(out: &str) -> Result<Vec<PathBuf>> {
 }
 
 /// QEMU, its libraries and firmware, as files of the L1 image.
-pub fn qemu_closure() -> Result<Vec<ImageFile>> {
+pub fn qemu_closure(sh: &Shell) -> Result<Vec<ImageFile>> {
     doctor::require(&[
         Need::Executable("qemu-system-x86_64"),
         Need::Executable("ldd"),
@@ -120,7 +119,6 @@ pub fn qemu_closure() -> Result<Vec<ImageFile>> {
         Need::Firmware("kvmvapic.bin"),
     ])?;
     let qemu = doctor::which("qemu-system-x86_64").expect("required above");
-    let sh = Shell::new()?;
     let out = cmd!(sh, "ldd {qemu}").quiet().read()?;
     let mut files = vec![ImageFile {
         dest: l1::QEMU.trim_start_matches('/').to_string(),
@@ -149,7 +147,12 @@ pub fn qemu_closure() -> Result<Vec<ImageFile>> {
 }
 
 /// Everything in the L1 base image.
-pub fn l1_files(kernel: &Path, guest_dir: &Path, selftest: &Path) -> Result<Vec<ImageFile>> {
+pub fn l1_files(
+    sh: &Shell,
+    kernel: &Path,
+    guest_dir: &Path,
+    selftest: &Path,
+) -> Result<Vec<ImageFile>> {
     let mut files = vec![ImageFile {
         dest: "init".into(),
         src: guest_dir.join(INIT_PROGRAM),
@@ -172,7 +175,7 @@ pub fn l1_files(kernel: &Path, guest_dir: &Path, selftest: &Path) -> Result<Vec<
         src: selftest.to_path_buf(),
         mode: 0o755,
     });
-    files.extend(qemu_closure()?);
+    files.extend(qemu_closure(sh)?);
     for f in &files {
         if !f.src.is_file() {
             return Err(setup(format!(
@@ -242,12 +245,13 @@ pub fn assemble(files: &[ImageFile], out: &Path) -> Result<bool> {
 
 /// Builds (if needed) the L1 base image from the kernel, guest programs and selftest.
 pub fn l1_base_image(
+    sh: &Shell,
     build_dir: &Path,
     kernel: &Path,
     guest_dir: &Path,
     selftest: &Path,
 ) -> Result<PathBuf> {
-    let files = l1_files(kernel, guest_dir, selftest)?;
+    let files = l1_files(sh, kernel, guest_dir, selftest)?;
     let out = build_dir.join("images/l1-base.cpio");
     if assemble(&files, &out)? {
         let size = fs::metadata(&out)?.len();

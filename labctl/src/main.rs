@@ -95,6 +95,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
     let g = Global {
         config: cli.config,
         repo: cli.repo,
+        sh: std::rc::Rc::new(xshell::Shell::new()?),
     };
     match cli.command {
         Command::Doctor => Ok(if doctor::report() {

@@ -383,13 +383,13 @@ fn image(
 ) -> Result<PathBuf> {
     let guest = match &lab.artifacts.guest_dir {
         Some(d) => d.clone(),
-        None => images::build_guest(&lab.repo, &lab.cfg.build_dir)?,
+        None => images::build_guest(&lab.sh, &lab.repo, &lab.cfg.build_dir)?,
     };
     let selftest =
         lab.artifacts.selftest.clone().unwrap_or_else(|| {
             KernelDirs::new(&lab.cfg.build_dir, lab.cfg.kernel_series).selftest()
         });
-    let mut files = images::l1_files(&p.kernel, &guest, &selftest)?;
+    let mut files = images::l1_files(&lab.sh, &p.kernel, &guest, &selftest)?;
     let mut staged = Vec::new();
     walk(stage, &mut staged)?;
     staged.sort();
@@ -598,9 +598,9 @@ pub fn run(lab: &Lab, kernel: DebianKernel) -> Result<i32> {
         Need::Executable("pahole"),
         Need::KernelSource(series),
     ])?;
-    let sh = Shell::new()?;
+    let sh: &Shell = &lab.sh;
     let p = lab.build()?;
-    let pair = pair(&sh, kernel)?;
+    let pair = pair(sh, kernel)?;
     progress::note(
         "recipe",
         format!(
@@ -612,10 +612,10 @@ pub fn run(lab: &Lab, kernel: DebianKernel) -> Result<i32> {
     );
     let dir = lab.cfg.build_dir.join("host-recipe").join(&pair.release);
     fs::create_dir_all(&dir)?;
-    let root = fetch(&sh, &dir, &pair)?;
+    let root = fetch(sh, &dir, &pair)?;
     let built = build_modules(lab, series, &dir, &root, &pair)?;
-    let stage = stage_modules(&sh, &dir, &root, &pair.release)?;
-    let image = image(lab, &sh, &p, &stage, &root, &built)?;
+    let stage = stage_modules(sh, &dir, &root, &pair.release)?;
+    let image = image(lab, sh, &p, &stage, &root, &built)?;
     let debian = engine::Prepared {
         kernel: root.join(format!("boot/vmlinuz-{}", pair.release)),
         image,

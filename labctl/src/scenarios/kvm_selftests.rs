@@ -155,7 +155,7 @@ pub fn run(lab: &Lab, tests: &[String], baseline: Option<&Path>) -> Result<i32> 
     for t in tests {
         validate(&dirs.src(), t)?;
     }
-    let bins = kernel::build_kvm_selftests(&xshell::Shell::new()?, &dirs, tests)?;
+    let bins = kernel::build_kvm_selftests(&lab.sh, &dirs, tests)?;
     let mut run_dirs = Vec::new();
     let patched = run_all(lab, &p, &bins, "patched kernel", &mut run_dirs)?;
     let unpatched = match baseline {

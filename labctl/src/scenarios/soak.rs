@@ -54,7 +54,7 @@ impl SoakArgs {
             global.extend(["--repo".into(), r.display().to_string()]);
         }
         soak(
-            &Shell::new()?,
+            &g.sh,
             &SoakRequest {
                 runs: self.runs,
                 command: self.command,

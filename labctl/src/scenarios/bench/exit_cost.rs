@@ -239,8 +239,7 @@ pub fn exit_cost(lab: &Lab, req: &ExitCostRequest) -> Result<i32> {
     let p = lab.build()?;
     // The kernels measured: the lab's own, or the same series and source built with the
     // bench's configuration; the baseline is built with the same fragment.
-    // One shell for the bench's kernel builds.
-    let sh = xshell::Shell::new()?;
+    let sh: &xshell::Shell = &lab.sh;
     let (config_name, fragment, baseline_dir, patched, build_info) = if req.lab_kernel {
         (
             "lab",
@@ -260,7 +259,7 @@ pub fn exit_cost(lab: &Lab, req: &ExitCostRequest) -> Result<i32> {
             lab.cfg.kernel_series,
         );
         let info = kernel::build(
-            &sh,
+            sh,
             &dirs,
             &KernelInputs {
                 series: lab.cfg.kernel_series,
@@ -288,7 +287,7 @@ pub fn exit_cost(lab: &Lab, req: &ExitCostRequest) -> Result<i32> {
             );
             let dirs = KernelDirs::new(&baseline_dir, lab.cfg.kernel_series);
             kernel::build(
-                &sh,
+                sh,
                 &dirs,
                 &KernelInputs {
                     series: lab.cfg.kernel_series,

@@ -227,7 +227,7 @@ pub fn record_boot(lab: &Lab, req: &RecordRequest) -> Result<i32> {
                 .clone()
                 .unwrap_or_else(|| lab.cfg.build_dir.join("guest"))
                 .join("boot-done");
-            let img = debian::image(&lab.cfg.build_dir, &boot_done)?;
+            let img = debian::image(&lab.sh, &lab.cfg.build_dir, &boot_done)?;
             let files = vec![
                 UserFile::named(&img.kernel, "vmlinuz")?,
                 UserFile::named(&img.initrd, "initrd.img")?,
