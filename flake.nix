@@ -113,8 +113,10 @@
           cargo rustc clippy rustfmt
           qemu
           gnumake gcc bc bison flex perl elfutils openssl patch xz rsync
-          librsvg dejavu_fonts debootstrap e2fsprogs   # record-boot's plot and Debian guest
+          dejavu_fonts debootstrap e2fsprogs   # record-boot's plot and Debian guest
         ];
+        # record-boot's plot reads DejaVu Sans from here (not /usr/share/fonts on NixOS).
+        LABCTL_FONT_DIR = "${pkgs.dejavu_fonts}/share/fonts/truetype";
       };
 
       checks.${system}.unit-tests = labctl.overrideAttrs (old: {

@@ -54,7 +54,7 @@ let
 
   pkgs = tools [
     "bc" "bison" "flex" "perl" "elfutils" "openssl" "python3" "rsync" "cargo" "rustc"
-    "clippy" "rustfmt" "gnumake" "gcc" "patch" "xz" "librsvg" "dejavu_fonts" "debootstrap"
+    "clippy" "rustfmt" "gnumake" "gcc" "patch" "xz" "dejavu_fonts" "debootstrap"
     "e2fsprogs"
   ] // {
     inherit lib rustPlatform;
@@ -67,7 +67,7 @@ let
       builtins.seq (drv "runCommand" [ "nativeBuildInputs" ] env)
         (drv "runCommand" [ "name" "script" ] { inherit name script; });
     writeShellApplication = drv "writeShellApplication" [ "name" "runtimeInputs" "text" ];
-    mkShell = drv "mkShell" [ "packages" ];
+    mkShell = drv "mkShell" [ "packages" "LABCTL_FONT_DIR" ];
   };
 
   nixpkgs = { legacyPackages.x86_64-linux = pkgs; };

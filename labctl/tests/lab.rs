@@ -1193,10 +1193,17 @@ fn record_boot_of_the_minimal_guest_is_a_checked_series() {
     for p in phases {
         assert!(svg.contains(p), "{p} missing from the plot");
     }
+    // Every text element's content, trimmed (plotters writes it on a line of its own).
+    let texts: Vec<&str> = svg
+        .split("<text")
+        .skip(1)
+        .filter_map(|t| t.split_once('>')?.1.split_once("</text>"))
+        .map(|(content, _)| content.trim())
+        .collect();
     for legend in ["IO_INSTRUCTION", "EPT_VIOLATION", "other"] {
         assert!(
-            svg.contains(&format!(">{legend}</text>")),
-            "{legend} not in the legend"
+            texts.contains(&legend),
+            "{legend} not in the legend: {texts:?}"
         );
     }
     let png = std::fs::read(out.join("exits.png")).unwrap();
@@ -1251,6 +1258,20 @@ fn record_boot_rejects_bad_input() {
         assert_eq!(code(&o), 2, "{args:?}");
         assert!(stderr(&o).contains(msg), "{args:?}: {}", stderr(&o));
     }
+    // The plot's font is checked before anything boots, and the error says what to do.
+    let o = Command::new(env!("CARGO_BIN_EXE_labctl"))
+        .args(["record-boot", "--idle", "1"])
+        .current_dir(repo())
+        .env("LABCTL_FONT_DIR", "/nonexistent-fonts")
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), 2);
+    let e = stderr(&o);
+    assert!(
+        e.contains("/nonexistent-fonts/DejaVuSans.ttf") && e.contains("install fonts-dejavu-core"),
+        "{e}"
+    );
+    assert!(!e.contains("[boot]"), "nothing booted: {e}");
 }
 
 /// KVM's own selftests, built from the patched tree and run in L1: the binary stats

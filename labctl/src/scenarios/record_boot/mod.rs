@@ -214,6 +214,9 @@ pub fn record_boot(lab: &Lab, req: &RecordRequest) -> Result<i32> {
         )));
     }
     prepare_out(&out)?;
+    // The plot's font, before anything boots: a missing one is a setup error, not a
+    // boot's worth of samples without their picture.
+    plot::fonts()?;
     let mut p = lab.build()?;
     if req.guest == Guest::Debian {
         p.l1_cmdline_base = engine::l1_cmdline(&p.l1_cmdline_base, DEBIAN_L1_TICK);
@@ -304,8 +307,14 @@ pub fn record_boot(lab: &Lab, req: &RecordRequest) -> Result<i32> {
         lab.cfg.l2_vcpus,
         if lab.cfg.l2_vcpus == 1 { "" } else { "s" }
     );
-    fs::write(&files_out["svg"], plot::svg(&title, &r, &e, &phases))?;
-    let png = plot::png(&files_out["svg"], &files_out["png"]);
+    let plotted = plot::write(
+        &title,
+        &r,
+        &e,
+        &phases,
+        &files_out["svg"],
+        &files_out["png"],
+    );
     let complete = error.is_none() && e.boot_done_us.is_some() && e.vm_exited_us.is_some();
     let last = r.points.last();
     let seconds = match (e.vm_created_us, last) {
@@ -359,9 +368,9 @@ pub fn record_boot(lab: &Lab, req: &RecordRequest) -> Result<i32> {
         );
         return Err(err);
     }
-    if let Err(e) = png {
+    if let Err(e) = plotted {
         return Err(setup(format!(
-            "{e:#}\n  (the CSV, YAML and SVG are written in {})",
+            "{e:#}\n  (the CSV and YAML are written in {})",
             out.display()
         )));
     }
@@ -387,7 +396,7 @@ pub fn record_boot(lab: &Lab, req: &RecordRequest) -> Result<i32> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::checks::interval_check;
     use super::series::{Phase, PHASES};
     use super::*;
@@ -450,7 +459,7 @@ mod tests {
         }
     }
 
-    fn boot() -> Vec<Msg> {
+    pub(super) fn boot() -> Vec<Msg> {
         vec![
             Msg::VmCreated { created_us: 10_000 },
             point(10, 0, None),

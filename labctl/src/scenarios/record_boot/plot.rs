@@ -1,35 +1,95 @@
-//! Stage 7 of the pipeline, the report's picture: a record-boot series as an SVG (written
-//! here, no plotting library) and a PNG of it (rendered by librsvg's `rsvg-convert`).
+//! The report's picture: a record-boot series drawn with `plotters`, as SVG and as PNG.
 //!
 //! Two panels over one time axis: cumulative exits on top, the exit rate of each sampling
 //! interval below, stacked by exit reason (the boot's top reasons, the rest as "other";
 //! legend between the panels); the boot's phases shaded across both and labelled in place
-//! with their exit counts.
+//! with their exit counts. Text is DejaVu Sans (`fonts-dejavu-core`), read at run time and
+//! drawn by `ab_glyph` into the PNG; the SVG names the family and lets the viewer draw it.
 
-use std::fmt::Write as _;
 use std::path::Path;
+use std::sync::OnceLock;
 
-use anyhow::Result;
+use anyhow::{anyhow, Result};
 use exitlab_proto::msg::STAT_EXITS;
-use xshell::{cmd, Shell};
+use plotters::coord::Shift;
+use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
+use plotters::style::{register_font, FontStyle, FontTransform};
 
 use super::series::{rates, reason_name, reasons_between, Events, Phase, Point, Recorded};
 use crate::doctor::{self, Need};
 use crate::error::setup;
 
-const W: f64 = 1100.0;
-const H: f64 = 720.0;
-const LEFT: f64 = 90.0;
-const RIGHT: f64 = 30.0;
-const TOP_Y: f64 = 90.0;
-const TOP_H: f64 = 300.0;
-const BOT_Y: f64 = 450.0;
-const BOT_H: f64 = 200.0;
-const PHASE_COLORS: [&str; 5] = ["#dfe8f5", "#fbe9c6", "#dcefd8", "#ece2f4", "#f3dada"];
-/// The reasons stacked, in order, then "other".
-const REASON_COLORS: [&str; 7] = [
-    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#9a9a9a",
+const W: u32 = 1100;
+const H: u32 = 720;
+const LEFT: i32 = 90;
+const RIGHT: i32 = 30;
+const TOP_Y: i32 = 90;
+const TOP_H: i32 = 300;
+const BOT_Y: i32 = 450;
+const BOT_H: i32 = 200;
+/// Left of a panel: its y labels and description; below it: its x labels, and under the
+/// bottom panel the x axis' description.
+const Y_LABELS: i32 = 80;
+const X_LABELS: i32 = 25;
+const X_DESC: i32 = 30;
+const PHASE_COLORS: [RGBColor; 5] = [
+    RGBColor(0xdf, 0xe8, 0xf5),
+    RGBColor(0xfb, 0xe9, 0xc6),
+    RGBColor(0xdc, 0xef, 0xd8),
+    RGBColor(0xec, 0xe2, 0xf4),
+    RGBColor(0xf3, 0xda, 0xda),
 ];
+/// The reasons stacked, in order, then "other".
+const REASON_COLORS: [RGBColor; 7] = [
+    RGBColor(0x1f, 0x77, 0xb4),
+    RGBColor(0xff, 0x7f, 0x0e),
+    RGBColor(0x2c, 0xa0, 0x2c),
+    RGBColor(0xd6, 0x27, 0x28),
+    RGBColor(0x94, 0x67, 0xbd),
+    RGBColor(0x8c, 0x56, 0x4b),
+    RGBColor(0x9a, 0x9a, 0x9a),
+];
+const LINE_BLUE: RGBColor = RGBColor(0x1f, 0x4e, 0x9a);
+const INK: RGBColor = RGBColor(0x22, 0x22, 0x22);
+const FONT: &str = "sans-serif";
+/// Where Debian's `fonts-dejavu-core` puts DejaVu Sans; `LABCTL_FONT_DIR` overrides it (the
+/// flake's dev shell points it at nixpkgs' `dejavu_fonts`).
+const DEJAVU: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
+pub const FONT_DIR_ENV: &str = "LABCTL_FONT_DIR";
+const FONT_FILES: [(FontStyle, &str); 2] = [
+    (FontStyle::Normal, "DejaVuSans.ttf"),
+    (FontStyle::Bold, "DejaVuSans-Bold.ttf"),
+];
+
+/// Registers the fonts once per process (plotters keeps them for its lifetime).
+pub fn fonts() -> Result<()> {
+    static DONE: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+    DONE.get_or_init(|| {
+        let dir = match std::env::var_os(FONT_DIR_ENV) {
+            Some(d) => std::path::PathBuf::from(d),
+            None => {
+                doctor::require(&[Need::File(DEJAVU)]).map_err(|e| format!("{e:#}"))?;
+                Path::new(DEJAVU).parent().expect("a file path").to_path_buf()
+            }
+        };
+        for (style, name) in FONT_FILES {
+            let path = dir.join(name);
+            let bytes = std::fs::read(&path).map_err(|e| {
+                format!(
+                    "{}: {e} (install fonts-dejavu-core, or set {FONT_DIR_ENV} to a directory holding {})",
+                    path.display(),
+                    FONT_FILES.map(|(_, n)| n).join(" and ")
+                )
+            })?;
+            register_font(FONT, style, Box::leak(bytes.into_boxed_slice()))
+                .map_err(|_| format!("{} is not a font plotters can read", path.display()))?;
+        }
+        Ok(())
+    })
+    .clone()
+    .map_err(|e| setup(format!("the plot's font: {e}")))
+}
 
 /// The recording's top reasons by exits (at most six, the rest go to "other"), ranked as
 /// the summary ranks them.
@@ -108,274 +168,300 @@ pub fn human(x: f64) -> String {
     format!("{s}{unit}")
 }
 
-fn esc(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
+/// What the plot shows, computed once for both formats.
+struct Figure<'a> {
+    title: &'a str,
+    r: &'a Recorded,
+    e: &'a Events,
+    phases: &'a [Phase],
 }
 
-struct Axis {
-    t_max: f64,
-}
+type PlotResult<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
-impl Axis {
-    fn x(&self, t_s: f64) -> f64 {
-        LEFT + (W - LEFT - RIGHT) * (t_s / self.t_max).clamp(0.0, 1.0)
+impl Figure<'_> {
+    /// Seconds since KVM created the VM, of a time on the recording's clock.
+    fn rel(&self, t_us: u64) -> f64 {
+        let t0 = self.e.vm_created_us.unwrap_or(0) as f64 / 1e6;
+        (t_us as f64 / 1e6 - t0).max(0.0)
     }
-}
 
-fn y_of(v: f64, max: f64, top: f64, h: f64) -> f64 {
-    top + h - h * (v / max).clamp(0.0, 1.0)
-}
-
-fn y_axis(s: &mut String, max: f64, top: f64, h: f64, label: &str) -> f64 {
-    let step = nice_step(max, 5.0);
-    let top_v = (max / step).ceil().max(1.0) * step;
-    let mut v = 0.0;
-    while v <= top_v + step / 2.0 {
-        let y = y_of(v, top_v, top, h);
-        let _ = writeln!(
-            s,
-            r##"<line x1="{LEFT}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="#000" stroke-opacity="0.12"/><text x="{:.1}" y="{:.1}" text-anchor="end" font-size="13">{}</text>"##,
-            W - RIGHT,
-            LEFT - 8.0,
-            y + 4.0,
-            human(v)
-        );
-        v += step;
+    fn t_max(&self) -> f64 {
+        self.e
+            .vm_exited_us
+            .or(self.r.points.last().map(|p| p.t_us))
+            .map_or(1.0, |t| self.rel(t))
+            .max(0.001)
     }
-    let _ = writeln!(
-        s,
-        r##"<text transform="translate(22,{:.1}) rotate(-90)" text-anchor="middle" font-size="14">{}</text>"##,
-        top + h / 2.0,
-        esc(label)
-    );
-    top_v
-}
 
-/// The plot of one recording.
-pub fn svg(title: &str, r: &Recorded, e: &Events, phases: &[Phase]) -> String {
-    let t0 = e.vm_created_us.unwrap_or(0) as f64 / 1e6;
-    let rel = |t_us: u64| (t_us as f64 / 1e6 - t0).max(0.0);
-    let end = e
-        .vm_exited_us
-        .or(r.points.last().map(|p| p.t_us))
-        .map_or(1.0, rel);
-    let ax = Axis {
-        t_max: end.max(0.001),
-    };
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="DejaVu Sans, Verdana, sans-serif">"##
-    );
-    let _ = writeln!(s, r##"<rect width="{W}" height="{H}" fill="#fff"/>"##);
-    let _ = writeln!(
-        s,
-        r##"<text x="{LEFT}" y="32" font-size="20" font-weight="bold">{}</text>"##,
-        esc(title)
-    );
-    let total = r.points.last().map_or(0, |p| p.get(STAT_EXITS));
-    let _ = writeln!(
-        s,
-        r##"<text x="{LEFT}" y="56" font-size="14" fill="#444">{} exits in {:.2} s from VM creation to exit; shaded: boot phases (exits in each); time on L1's clock</text>"##,
-        human(total as f64),
-        end
-    );
-    // Phases, across both panels.
-    for (i, p) in phases.iter().enumerate() {
-        let (x0, x1) = (ax.x(p.start_s - t0), ax.x(p.end_s - t0));
-        let color = PHASE_COLORS[i % PHASE_COLORS.len()];
-        for (top, h) in [(TOP_Y, TOP_H), (BOT_Y, BOT_H)] {
-            let _ = writeln!(
-                s,
-                r##"<rect x="{x0:.1}" y="{top}" width="{:.1}" height="{h}" fill="{color}"/>"##,
-                (x1 - x0).max(0.5)
-            );
-        }
-        // Narrow phases get their label rotated.
-        let cx = (x0 + x1) / 2.0;
-        let text = format!("{} · {}", p.name, human(p.exits as f64));
-        if x1 - x0 > 9.0 * text.len() as f64 {
-            let _ = writeln!(
-                s,
-                r##"<text x="{cx:.1}" y="{:.1}" text-anchor="middle" font-size="14" font-weight="bold" fill="#333">{}</text>"##,
-                TOP_Y + 20.0,
-                esc(&text)
-            );
-        } else {
-            let _ = writeln!(
-                s,
-                r##"<text transform="translate({:.1},{:.1}) rotate(90)" font-size="12" font-weight="bold" fill="#333">{}</text>"##,
-                cx - 4.0,
-                TOP_Y + 8.0,
-                esc(&text)
-            );
-        }
-    }
-    // Top: cumulative exits.
-    let max_exits = y_axis(
-        &mut s,
-        total.max(1) as f64,
-        TOP_Y,
-        TOP_H,
-        "exits since the VM was created",
-    );
-    let pts: Vec<String> = r
-        .points
-        .iter()
-        .map(|p| {
+    fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> PlotResult<()>
+    where
+        DB::ErrorType: 'static,
+    {
+        let t0 = self.e.vm_created_us.unwrap_or(0) as f64 / 1e6;
+        let t_max = self.t_max();
+        let r = self.r;
+        root.fill(&WHITE)?;
+        let font = |size: u32| (FONT, size).into_font();
+        let bold = |size: u32| (FONT, size, FontStyle::Bold).into_font();
+        root.draw(&Text::new(self.title.to_string(), (LEFT, 16), bold(20)))?;
+        let total = r.points.last().map_or(0, |p| p.get(STAT_EXITS));
+        root.draw(&Text::new(
             format!(
-                "{:.1},{:.1}",
-                ax.x(rel(p.t_us)),
-                y_of(p.get(STAT_EXITS) as f64, max_exits, TOP_Y, TOP_H)
+                "{} exits in {t_max:.2} s from VM creation to exit; shaded: boot phases (exits in each); time on L1's clock",
+                human(total as f64)
+            ),
+            (LEFT, 44),
+            font(14).color(&RGBColor(0x44, 0x44, 0x44)),
+        ))?;
+
+        // The panels: each a chart over [0, t_max] with its own y range.
+        // Each panel's area holds its plot, its y labels to the left and its x labels below.
+        let panel = |top: i32, h: i32, below: i32| {
+            root.clone().shrink(
+                (LEFT - Y_LABELS, top - 5),
+                ((W as i32 - RIGHT) - (LEFT - Y_LABELS), h + 5 + below),
             )
-        })
-        .collect();
-    let _ = writeln!(
-        s,
-        r##"<polyline points="{}" fill="none" stroke="#1f4e9a" stroke-width="2.2"/>"##,
-        pts.join(" ")
-    );
-    // Bottom: rate per sampling interval, as steps, stacked by reason; the total on top.
-    let rs: Vec<(u64, f64)> = r
-        .points
-        .iter()
-        .zip(rates(r))
-        .filter_map(|(p, v)| v.map(|v| (p.t_us, v)))
-        .collect();
-    let max_rate = rs.iter().map(|(_, v)| *v).fold(1.0, f64::max);
-    let max_rate = y_axis(&mut s, max_rate, BOT_Y, BOT_H, "exits per second");
-    let top = top_reasons(r);
-    if !top.is_empty() {
-        let layers = top.len() + 1;
-        let by_reason = reason_rates(r, &top);
-        // Each layer: its upper edge left to right, then its lower edge back.
-        for layer in 0..layers {
-            let (mut upper, mut lower) = (Vec::new(), Vec::new());
-            let mut prev_t = r.points.first().map_or(0.0, |p| rel(p.t_us));
-            for (p, v) in r.points.iter().zip(&by_reason) {
-                let Some(v) = v else {
-                    prev_t = rel(p.t_us);
-                    continue;
-                };
-                let below: f64 = v[..layer].iter().sum();
-                let (y0, y1) = (
-                    y_of(below.min(max_rate), max_rate, BOT_Y, BOT_H),
-                    y_of((below + v[layer]).min(max_rate), max_rate, BOT_Y, BOT_H),
-                );
-                let (x0, x1) = (ax.x(prev_t), ax.x(rel(p.t_us)));
-                upper.push(format!("{x0:.1},{y1:.1} {x1:.1},{y1:.1}"));
-                lower.push(format!("{x1:.1},{y0:.1} {x0:.1},{y0:.1}"));
-                prev_t = rel(p.t_us);
-            }
-            lower.reverse();
-            let _ = writeln!(
-                s,
-                r##"<polygon points="{} {}" fill="{}" fill-opacity="0.85" stroke="none"/>"##,
-                upper.join(" "),
-                lower.join(" "),
-                REASON_COLORS[layer]
-            );
-        }
-        // The legend, between the panels.
-        let mut x = LEFT;
-        let y = BOT_Y - 26.0;
-        let names = top
+        };
+        let top_max = nice_ceiling(total.max(1) as f64, 5.0);
+        let rs: Vec<(f64, f64)> = r
+            .points
             .iter()
-            .map(|k| reason_name(*k).to_string())
-            .chain(["other".to_string()]);
-        for (i, name) in names.enumerate() {
-            let _ = writeln!(
-                s,
-                r##"<rect x="{x:.1}" y="{:.1}" width="12" height="12" fill="{}"/><text x="{:.1}" y="{y:.1}" font-size="12">{}</text>"##,
-                y - 10.0,
-                REASON_COLORS[i],
-                x + 16.0,
-                esc(&name)
-            );
-            x += 30.0 + 7.5 * name.len() as f64;
+            .zip(rates(r))
+            .filter_map(|(p, v)| v.map(|v| (self.rel(p.t_us), v)))
+            .collect();
+        let bot_max = nice_ceiling(rs.iter().map(|(_, v)| *v).fold(1.0, f64::max), 5.0);
+        let top_area = panel(TOP_Y, TOP_H, X_LABELS);
+        let bot_area = panel(BOT_Y, BOT_H, X_LABELS + X_DESC);
+        let mut top = chart(
+            &top_area,
+            t_max,
+            top_max,
+            "exits since the VM was created",
+            None,
+        )?;
+        let mut bot = chart(
+            &bot_area,
+            t_max,
+            bot_max,
+            "exits per second",
+            Some("seconds since KVM created the VM"),
+        )?;
+
+        // Phases, across both panels, labelled on top.
+        for (i, p) in self.phases.iter().enumerate() {
+            let (x0, x1) = (p.start_s - t0, p.end_s - t0);
+            let color = PHASE_COLORS[i % PHASE_COLORS.len()].filled();
+            top.draw_series([Rectangle::new([(x0, 0.0), (x1, top_max)], color)])?;
+            bot.draw_series([Rectangle::new([(x0, 0.0), (x1, bot_max)], color)])?;
+            let label = format!("{} · {}", p.name, human(p.exits as f64));
+            let (px0, _) = top.backend_coord(&(x0, 0.0));
+            let (px1, _) = top.backend_coord(&(x1, 0.0));
+            let cx = (x0 + x1) / 2.0;
+            let ink = RGBColor(0x33, 0x33, 0x33);
+            if f64::from(px1 - px0) > 9.0 * label.chars().count() as f64 {
+                let style = bold(14).color(&ink).pos(Pos::new(HPos::Center, VPos::Top));
+                let (x, _) = top.backend_coord(&(cx, 0.0));
+                top.plotting_area().strip_coord_spec().draw(&Text::new(
+                    label,
+                    (x - top.plotting_area().get_base_pixel().0, 8),
+                    style,
+                ))?;
+            } else {
+                // Narrow phases get their label turned, reading downwards.
+                let style = bold(12).color(&ink).transform(FontTransform::Rotate90);
+                let (x, _) = top.backend_coord(&(cx, 0.0));
+                top.plotting_area().strip_coord_spec().draw(&Text::new(
+                    label,
+                    (x - top.plotting_area().get_base_pixel().0 + 6, 8),
+                    style,
+                ))?;
+            }
         }
-    }
-    let mut steps = Vec::new();
-    let mut prev_t = r.points.first().map_or(0.0, |p| rel(p.t_us));
-    for (t, v) in &rs {
-        let y = y_of(*v, max_rate, BOT_Y, BOT_H);
-        steps.push(format!("{:.1},{y:.1}", ax.x(prev_t)));
-        steps.push(format!("{:.1},{y:.1}", ax.x(rel(*t))));
-        prev_t = rel(*t);
-    }
-    let _ = writeln!(
-        s,
-        r##"<polyline points="{}" fill="none" stroke="{}" stroke-width="{}"/>"##,
-        steps.join(" "),
-        if top.is_empty() { "#b3461f" } else { "#222" },
-        if top.is_empty() { 1.4 } else { 0.8 }
-    );
-    // Events as vertical lines.
-    let events = [
-        (e.login_ready_us, "multi-user (login ready)"),
-        (e.boot_done_us, "boot done"),
-    ];
-    // Labels one above the other: the events can be close together.
-    for (i, (t, label)) in events.into_iter().enumerate() {
-        if let Some(t) = t {
-            let x = ax.x(rel(t));
-            let _ = writeln!(
-                s,
-                r##"<line x1="{x:.1}" y1="{TOP_Y}" x2="{x:.1}" y2="{:.1}" stroke="#222" stroke-dasharray="5,4"/><text x="{:.1}" y="{:.1}" font-size="12" text-anchor="end" fill="#222">{label}</text>"##,
-                BOT_Y + BOT_H,
-                x - 4.0,
-                TOP_Y + TOP_H - 8.0 - 16.0 * i as f64
-            );
+
+        // Top: cumulative exits.
+        top.draw_series(LineSeries::new(
+            r.points
+                .iter()
+                .map(|p| (self.rel(p.t_us), p.get(STAT_EXITS) as f64)),
+            LINE_BLUE.stroke_width(2),
+        ))?;
+
+        // Bottom: the rate per sampling interval as steps, stacked by reason; the total on top.
+        let reasons = top_reasons(r);
+        if !reasons.is_empty() {
+            let by_reason = reason_rates(r, &reasons);
+            for layer in 0..=reasons.len() {
+                let (mut upper, mut lower) = (Vec::new(), Vec::new());
+                let mut prev_t = r.points.first().map_or(0.0, |p| self.rel(p.t_us));
+                for (p, v) in r.points.iter().zip(&by_reason) {
+                    let t = self.rel(p.t_us);
+                    if let Some(v) = v {
+                        let below: f64 = v[..layer].iter().sum();
+                        let (y0, y1) = (below.min(bot_max), (below + v[layer]).min(bot_max));
+                        upper.extend([(prev_t, y1), (t, y1)]);
+                        lower.extend([(t, y0), (prev_t, y0)]);
+                    }
+                    prev_t = t;
+                }
+                lower.reverse();
+                upper.extend(lower);
+                bot.draw_series([Polygon::new(upper, REASON_COLORS[layer].mix(0.85).filled())])?;
+            }
+            // The legend, between the panels.
+            let mut x = LEFT;
+            let y = BOT_Y - 36;
+            let names = reasons
+                .iter()
+                .map(|k| reason_name(*k).to_string())
+                .chain(["other".to_string()]);
+            for (i, name) in names.enumerate() {
+                root.draw(&Rectangle::new(
+                    [(x, y), (x + 12, y + 12)],
+                    REASON_COLORS[i].filled(),
+                ))?;
+                root.draw(&Text::new(name.clone(), (x + 16, y), font(12)))?;
+                x += 30 + (7.5 * name.len() as f64) as i32;
+            }
         }
-    }
-    // Time axis under each panel.
-    let step = nice_step(ax.t_max, 10.0);
-    for (top, h) in [(TOP_Y, TOP_H), (BOT_Y, BOT_H)] {
-        let base = top + h;
-        let _ = writeln!(
-            s,
-            r##"<line x1="{LEFT}" y1="{base}" x2="{:.1}" y2="{base}" stroke="#000"/><line x1="{LEFT}" y1="{top}" x2="{LEFT}" y2="{base}" stroke="#000"/>"##,
-            W - RIGHT
-        );
-        let mut t = 0.0;
-        while t <= ax.t_max + step / 1000.0 {
-            let x = ax.x(t);
-            let _ = writeln!(
-                s,
-                r##"<line x1="{x:.1}" y1="{base}" x2="{x:.1}" y2="{:.1}" stroke="#000"/><text x="{x:.1}" y="{:.1}" text-anchor="middle" font-size="13">{}</text>"##,
-                base + 5.0,
-                base + 20.0,
-                human(t)
-            );
-            t += step;
+        let mut steps = Vec::new();
+        let mut prev_t = r.points.first().map_or(0.0, |p| self.rel(p.t_us));
+        for (t, v) in &rs {
+            steps.extend([(prev_t, v.min(bot_max)), (*t, v.min(bot_max))]);
+            prev_t = *t;
         }
+        let (color, width) = if reasons.is_empty() {
+            (RGBColor(0xb3, 0x46, 0x1f), 2)
+        } else {
+            (INK, 1)
+        };
+        bot.draw_series(LineSeries::new(steps, color.stroke_width(width)))?;
+
+        // Events: dashed lines through both panels, labelled on top (one label above the
+        // other: the events can be close together).
+        let events = [
+            (self.e.login_ready_us, "multi-user (login ready)"),
+            (self.e.boot_done_us, "boot done"),
+        ];
+        for (i, (t, label)) in events.into_iter().enumerate() {
+            let Some(t) = t else { continue };
+            let x = self.rel(t);
+            for (c, max) in [(&mut top, top_max), (&mut bot, bot_max)] {
+                c.draw_series(DashedLineSeries::new(
+                    [(x, 0.0), (x, max)],
+                    5,
+                    4,
+                    INK.stroke_width(1),
+                ))?;
+            }
+            let style = font(12)
+                .color(&INK)
+                .pos(Pos::new(HPos::Right, VPos::Bottom));
+            let (px, py) = top.backend_coord(&(x, 0.0));
+            root.draw(&Text::new(label, (px - 4, py - 8 - 16 * i as i32), style))?;
+        }
+        root.present()?;
+        Ok(())
     }
-    let _ = writeln!(
-        s,
-        r##"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="14">seconds since KVM created the VM</text>"##,
-        (LEFT + W - RIGHT) / 2.0,
-        H - 8.0
-    );
-    s.push_str("</svg>\n");
-    s
 }
 
-/// Renders `svg` to `png` with rsvg-convert.
-pub fn png(svg: &Path, png: &Path) -> Result<()> {
-    doctor::require(&[Need::Executable("rsvg-convert")])?;
-    let sh = Shell::new()?;
-    cmd!(sh, "rsvg-convert --background-color=white -o {png} {svg}")
-        .quiet()
-        .run()
-        .map_err(|e| setup(format!("rendering {} to PNG failed: {e}", svg.display())))?;
+/// One panel: an x axis in seconds (labelled only under the bottom panel), a y axis from 0
+/// to `y_max` with light horizontal grid lines.
+fn chart<'a, DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    t_max: f64,
+    y_max: f64,
+    y_desc: &str,
+    x_desc: Option<&str>,
+) -> PlotResult<
+    ChartContext<
+        'a,
+        DB,
+        Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
+    >,
+>
+where
+    DB::ErrorType: 'static,
+{
+    let below = X_LABELS + if x_desc.is_some() { X_DESC } else { 0 };
+    let mut c = ChartBuilder::on(area)
+        .x_label_area_size(below)
+        .y_label_area_size(Y_LABELS)
+        .build_cartesian_2d(0.0..t_max, 0.0..y_max)?;
+    let mut mesh = c.configure_mesh();
+    mesh.disable_x_mesh()
+        .bold_line_style(BLACK.mix(0.12))
+        .light_line_style(TRANSPARENT)
+        .y_labels(6)
+        .x_labels(11)
+        .y_label_formatter(&|v| human(*v))
+        .x_label_formatter(&|v| human(*v))
+        .y_desc(y_desc)
+        .label_style((FONT, 13))
+        .axis_desc_style((FONT, 14));
+    if let Some(d) = x_desc {
+        mesh.x_desc(d);
+    }
+    mesh.draw()?;
+    Ok(c)
+}
+
+/// `max` rounded up to a whole number of [`nice_step`]s (at least one).
+fn nice_ceiling(max: f64, n: f64) -> f64 {
+    let step = nice_step(max, n);
+    (max / step).ceil().max(1.0) * step
+}
+
+/// Draws the plot of one recording into `svg` and `png`.
+pub fn write(
+    title: &str,
+    r: &Recorded,
+    e: &Events,
+    phases: &[Phase],
+    svg: &Path,
+    png: &Path,
+) -> Result<()> {
+    fonts()?;
+    let fig = Figure {
+        title,
+        r,
+        e,
+        phases,
+    };
+    let failed =
+        |what: &Path, e: Box<dyn std::error::Error>| anyhow!("drawing {}: {e}", what.display());
+    fig.draw(&SVGBackend::new(svg, (W, H)).into_drawing_area())
+        .map_err(|e| failed(svg, e))?;
+    fig.draw(&BitMapBackend::new(png, (W, H)).into_drawing_area())
+        .map_err(|e| failed(png, e))?;
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A synthetic boot drawn to both formats: the files are there, the SVG holds the
+    /// title, the phases' labels and the axis' description as text, the PNG is a PNG.
+    #[test]
+    fn a_boot_is_drawn_as_svg_and_png() {
+        let r = Recorded::from_msgs(&super::super::tests::boot());
+        let e = super::super::series::events(&r);
+        let phases = super::super::series::phases(&r, &e);
+        let dir = std::env::temp_dir().join(format!("plot-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (svg, png) = (dir.join("exits.svg"), dir.join("exits.png"));
+        write("VM exits <test>", &r, &e, &phases, &svg, &png).unwrap();
+        let text = std::fs::read_to_string(&svg).unwrap();
+        assert!(text.starts_with("<svg"), "{text}");
+        assert!(text.contains("VM exits &lt;test&gt;"), "the title, escaped");
+        assert!(text.contains("seconds since KVM created the VM"));
+        for p in &phases {
+            assert!(text.contains(p.name), "phase {} labelled", p.name);
+        }
+        let bytes = std::fs::read(&png).unwrap();
+        assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn steps_are_nice() {
