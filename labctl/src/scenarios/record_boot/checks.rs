@@ -223,3 +223,124 @@ pub fn idle_check(phases: &[Phase], asked_s: u32) -> Option<Check> {
         ),
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scenarios::record_boot::series::{events, phases};
+    use crate::scenarios::record_boot::testdata::{boot, point};
+    use crate::verify;
+    use exitlab_proto::msg::Msg;
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn idle_must_last_what_was_asked() {
+        let phase = |name, start_s, end_s| Phase {
+            name,
+            start_s,
+            end_s,
+            exits: 0,
+            exit_cycles: 0,
+            exits_per_s: 0.0,
+            peak_exits_per_s: 0.0,
+            kinds: BTreeMap::new(),
+            reasons: vec![],
+        };
+        let ok = |start, end, asked| {
+            idle_check(
+                &[phase("kernel", 0.0, 1.0), phase("idle", start, end)],
+                asked,
+            )
+            .unwrap()
+            .ok
+        };
+        assert!(ok(6.65, 11.70, 5));
+        assert!(!ok(6.65, 45.0, 5), "a guest that slept on");
+        assert!(!ok(6.0, 10.0, 5), "a short idle");
+        assert!(ok(2.0, 3.08, 1));
+        assert!(idle_check(&[phase("kernel", 0.0, 1.0)], 5).is_none());
+    }
+
+    #[test]
+    fn a_good_series_passes_every_check() {
+        let r = Recorded::from_msgs(&boot());
+        let c = checks(&r, &events(&r), 50);
+        assert!(verify::all_ok(&c), "{c:#?}");
+        let c = reason_sum_check(&r, 1);
+        assert!(c.ok, "{c:?}");
+    }
+
+    #[test]
+    fn bad_series_fail_with_reasons() {
+        // A counter going backwards.
+        let mut m = boot();
+        m.insert(5, point(120, 900, None));
+        let r = Recorded::from_msgs(&m);
+        let c = checks(&r, &events(&r), 50);
+        assert!(c.iter().any(|c| c.name == "monotonic" && !c.ok));
+        // A reading outside its checkpoints.
+        let m: Vec<Msg> = boot()
+            .into_iter()
+            .map(|m| match m {
+                Msg::Output { level, stream, .. } => Msg::Output {
+                    level,
+                    stream,
+                    text: "CPUID(0x4FFFFFFF), exits=4100, cycles spent in exit=410050\n".into(),
+                },
+                m => m,
+            })
+            .collect();
+        let r = Recorded::from_msgs(&m);
+        let c = checks(&r, &events(&r), 50);
+        assert!(c.iter().any(|c| c.name == "guest-reading" && !c.ok));
+        // A boot that never got to userspace: phases missing, the rest still sliced.
+        let m: Vec<Msg> = boot().into_iter().take(6).collect();
+        let r = Recorded::from_msgs(&m);
+        let e = events(&r);
+        let c = checks(&r, &e, 50);
+        let phases_check = c.iter().find(|c| c.name == "phases").unwrap();
+        assert!(!phases_check.ok);
+        assert!(phases_check.detail.contains("first process"));
+        assert_eq!(phases(&r, &e).len(), 2);
+        // A sample of a VM being destroyed (no exit count) is not a reading.
+        let mut m = boot();
+        m.push(Msg::Sample {
+            t_us: 290_000,
+            tag: None,
+            v: exitlab_proto::msg::sample_values(&[("io_exits".to_string(), 1)].into()),
+            r: vec![],
+        });
+        let r = Recorded::from_msgs(&m);
+        assert_eq!(r.points.last().unwrap().get(STAT_EXITS), 4300);
+        // A counter that vanishes from one sample to the next is flagged.
+        let mut r = Recorded::from_msgs(&boot());
+        r.points[3].stats.remove("io_exits");
+        let c = checks(&r, &events(&r), 50);
+        assert!(c.iter().any(|c| c.name == "monotonic" && !c.ok));
+        // A sampler off its schedule.
+        let r = Recorded::from_msgs(&boot());
+        let c = checks(&r, &events(&r), 20);
+        assert!(c.iter().any(|c| c.name == "interval" && !c.ok));
+    }
+
+    #[test]
+    fn the_interval_check_counts_missed_ticks_and_fails_a_drifting_sampler() {
+        let steady: Vec<u64> = (0..200).map(|i| i * 20_000).collect();
+        assert!(interval_check(&steady, 20).ok);
+        // One missed tick in 200: counted, not failed.
+        let missed: Vec<u64> = steady.iter().copied().filter(|t| *t != 2_000_000).collect();
+        let c = interval_check(&missed, 20);
+        assert!(c.ok && c.detail.contains("1 of 198"), "{}", c.detail);
+        // Every fifth tick missed: fails.
+        let bad: Vec<u64> = steady
+            .iter()
+            .copied()
+            .filter(|t| t % 100_000 != 0)
+            .collect();
+        assert!(!interval_check(&bad, 20).ok);
+        // Sampling at 30 ms when 20 was asked: fails.
+        let slow: Vec<u64> = (0..100).map(|i| i * 30_000).collect();
+        assert!(!interval_check(&slow, 20).ok);
+        assert!(!interval_check(&[5], 20).ok);
+    }
+}

@@ -74,3 +74,40 @@ pub fn csv(r: &Recorded, e: &Events) -> String {
     }
     String::from_utf8(w.into_inner().expect("writing to memory")).expect("the fields are UTF-8")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scenarios::record_boot::series::events;
+    use crate::scenarios::record_boot::testdata::boot;
+
+    #[test]
+    fn csv_has_a_row_per_sample_with_phase_and_rate() {
+        let r = Recorded::from_msgs(&boot());
+        let text = super::csv(&r, &events(&r));
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[0],
+            "t_s,phase,tag,exits,exit_cycles,exits_per_s,io_exits,cpuid_exits,cpuid_cycles,io_instruction_exits,io_instruction_cycles"
+        );
+        assert_eq!(lines.len(), 1 + r.points.len());
+        assert_eq!(lines[1], "0.010000,firmware,,0,0,,0,0,0,0,0");
+        assert_eq!(
+            lines[3],
+            "0.110000,kernel,,1000,100000,18000,500,250,25000,750,75000"
+        );
+        assert!(lines[7].starts_with("0.220000,idle,boot-done,4200,"));
+        // A tag with a comma or a quote is quoted, and reads back whole.
+        let mut r = r;
+        r.points[0].tag = Some("a,\"b\"".into());
+        let text = super::csv(&r, &events(&r));
+        assert!(
+            text.lines().nth(1).unwrap().contains(",\"a,\"\"b\"\"\","),
+            "{text}"
+        );
+        let mut rd = ::csv::Reader::from_reader(text.as_bytes());
+        let first = rd.records().next().unwrap().unwrap();
+        assert_eq!(&first[2], "a,\"b\"");
+        assert_eq!(first.len(), lines[0].split(',').count());
+    }
+}

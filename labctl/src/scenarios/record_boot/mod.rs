@@ -45,6 +45,8 @@ mod plot;
 mod series;
 mod summary;
 mod tables;
+#[cfg(test)]
+mod testdata;
 
 use checks::{checks, idle_check, reason_sum_check};
 use series::{events, phases, reasons_between, secs, Point, Recorded, AFTER, BEFORE, IDLE_END};
@@ -396,153 +398,15 @@ pub fn record_boot(lab: &Lab, req: &RecordRequest) -> Result<i32> {
 }
 
 #[cfg(test)]
-pub(super) mod tests {
-    use super::checks::interval_check;
-    use super::series::{Phase, PHASES};
+mod tests {
+    use super::checks::reason_sum_check;
+    use super::testdata::boot;
     use super::*;
-    use exitlab_proto::msg::Stream;
 
     #[test]
-    fn idle_must_last_what_was_asked() {
-        let phase = |name, start_s, end_s| Phase {
-            name,
-            start_s,
-            end_s,
-            exits: 0,
-            exit_cycles: 0,
-            exits_per_s: 0.0,
-            peak_exits_per_s: 0.0,
-            kinds: BTreeMap::new(),
-            reasons: vec![],
-        };
-        let ok = |start, end, asked| {
-            idle_check(
-                &[phase("kernel", 0.0, 1.0), phase("idle", start, end)],
-                asked,
-            )
-            .unwrap()
-            .ok
-        };
-        assert!(ok(6.65, 11.70, 5));
-        assert!(!ok(6.65, 45.0, 5), "a guest that slept on");
-        assert!(!ok(6.0, 10.0, 5), "a short idle");
-        assert!(ok(2.0, 3.08, 1));
-        assert!(idle_check(&[phase("kernel", 0.0, 1.0)], 5).is_none());
-    }
-
-    fn point(t_ms: u64, exits: u64, tag: Option<&str>) -> Msg {
-        Msg::Sample {
-            t_us: t_ms * 1000,
-            tag: tag.map(String::from),
-            v: exitlab_proto::msg::sample_values(
-                &[
-                    (STAT_EXITS.to_string(), exits),
-                    (STAT_EXIT_CYCLES.to_string(), exits * 100),
-                    ("io_exits".to_string(), exits / 2),
-                ]
-                .into(),
-            ),
-            // A quarter CPUID, the rest I/O; every sample carries both (unchanged ones too,
-            // which is harmless).
-            r: vec![
-                [10, exits / 4, exits * 25],
-                [30, exits - exits / 4, exits * 75],
-            ],
-        }
-    }
-
-    fn console(t_ms: u64, line: &str) -> Msg {
-        Msg::Console {
-            level: Level::L2,
-            line: line.into(),
-            t_us: Some(t_ms * 1000),
-        }
-    }
-
-    pub(super) fn boot() -> Vec<Msg> {
-        vec![
-            Msg::VmCreated { created_us: 10_000 },
-            point(10, 0, None),
-            point(60, 100, None),
-            console(70, "Linux version 6.12.117"),
-            point(110, 1000, None),
-            point(160, 3000, None),
-            console(170, "Run /init as init process"),
-            point(210, 4000, None),
-            point(215, 4100, Some(BEFORE)),
-            Msg::Output {
-                level: Level::L2,
-                stream: Stream::Stdout,
-                text: "CPUID(0x4FFFFFFF), exits=4101, cycles spent in exit=410050\n".into(),
-            },
-            point(220, 4200, Some(AFTER)),
-            point(240, 4250, None),
-            point(250, 4260, Some(IDLE_END)),
-            point(260, 4300, None),
-            Msg::VmExited {
-                status: exitlab_proto::msg::Status::Code(0),
-                t_us: Some(280_000),
-            },
-        ]
-    }
-
-    #[test]
-    fn phases_split_the_series_at_the_markers() {
-        let r = Recorded::from_msgs(&boot());
-        let e = events(&r);
-        assert_eq!(e.kernel_us, Some(70_000));
-        assert_eq!(e.userspace_us, Some(170_000));
-        assert_eq!(e.boot_done_us, Some(220_000));
-        let ph = phases(&r, &e);
-        let names: Vec<_> = ph.iter().map(|p| p.name).collect();
-        assert_eq!(names, PHASES);
-        // Values at a boundary are the last sample at or before it.
-        assert_eq!(ph[0].exits, 100); // 0 at 10 ms .. 100 at 60 ms
-        assert_eq!(ph[1].exits, 2900); // 100 .. 3000 at 160 ms
-        assert_eq!(ph[2].exits, 1200); // 3000 .. 4200 at 220 ms
-        assert_eq!(ph[3].exits, 60); // 4200 .. 4260 at 250 ms
-        assert_eq!(ph[4].exits, 40);
-        assert_eq!(ph[1].kinds["io_exits"], 1450);
-        assert!((ph[1].peak_exits_per_s - 40_000.0).abs() < 1e-6);
-        let total: u64 = ph.iter().map(|p| p.exits).sum();
-        assert_eq!(total, 4300);
-    }
-
-    #[test]
-    fn a_good_series_passes_every_check() {
-        let r = Recorded::from_msgs(&boot());
-        let c = checks(&r, &events(&r), 50);
-        assert!(verify::all_ok(&c), "{c:#?}");
-        let c = reason_sum_check(&r, 1);
-        assert!(c.ok, "{c:?}");
-    }
-
-    #[test]
-    fn phases_by_reason_sum_to_the_phase_and_sort_by_exits() {
-        let r = Recorded::from_msgs(&boot());
-        let ph = phases(&r, &events(&r));
-        for p in &ph {
-            let sum: u64 = p.reasons.iter().map(|r| r.exits).sum();
-            assert_eq!(sum, p.exits, "{p:?}");
-        }
-        // kernel: 100 -> 3000 exits: CPUID 25 -> 750, I/O 75 -> 2250.
-        let k = &ph[1].reasons;
-        assert_eq!(
-            (k[0].name, k[0].exits, k[0].cycles),
-            ("IO_INSTRUCTION", 2175, 217_500)
-        );
-        assert_eq!((k[1].name, k[1].exits), ("CPUID", 725));
-        assert!((k[0].exits_pct - 75.0).abs() < 0.1 && (k[1].cycles_pct - 25.0).abs() < 0.1);
-        let csv = csv::csv(&r, &events(&r));
-        let head = csv.lines().next().unwrap();
-        assert!(
-            head.ends_with(",cpuid_exits,cpuid_cycles,io_instruction_exits,io_instruction_cycles"),
-            "{head}"
-        );
-        assert!(
-            csv.lines().nth(2).unwrap().ends_with(",25,2500,75,7500"),
-            "{csv}"
-        );
+    fn unwritable_output_is_refused() {
+        let e = prepare_out(Path::new("/proc/no-such-dir/out")).unwrap_err();
+        assert!(format!("{e}").contains("--out"), "{e}");
     }
 
     #[test]
@@ -592,112 +456,30 @@ pub(super) mod tests {
     }
 
     #[test]
-    fn bad_series_fail_with_reasons() {
-        // A counter going backwards.
-        let mut m = boot();
-        m.insert(5, point(120, 900, None));
-        let r = Recorded::from_msgs(&m);
-        let c = checks(&r, &events(&r), 50);
-        assert!(c.iter().any(|c| c.name == "monotonic" && !c.ok));
-        // A reading outside its checkpoints.
-        let m: Vec<Msg> = boot()
-            .into_iter()
-            .map(|m| match m {
-                Msg::Output { level, stream, .. } => Msg::Output {
-                    level,
-                    stream,
-                    text: "CPUID(0x4FFFFFFF), exits=4100, cycles spent in exit=410050\n".into(),
-                },
-                m => m,
-            })
-            .collect();
-        let r = Recorded::from_msgs(&m);
-        let c = checks(&r, &events(&r), 50);
-        assert!(c.iter().any(|c| c.name == "guest-reading" && !c.ok));
-        // A boot that never got to userspace: phases missing, the rest still sliced.
-        let m: Vec<Msg> = boot().into_iter().take(6).collect();
-        let r = Recorded::from_msgs(&m);
-        let e = events(&r);
-        let c = checks(&r, &e, 50);
-        let phases_check = c.iter().find(|c| c.name == "phases").unwrap();
-        assert!(!phases_check.ok);
-        assert!(phases_check.detail.contains("first process"));
-        assert_eq!(phases(&r, &e).len(), 2);
-        // A sample of a VM being destroyed (no exit count) is not a reading.
-        let mut m = boot();
-        m.push(Msg::Sample {
-            t_us: 290_000,
-            tag: None,
-            v: exitlab_proto::msg::sample_values(&[("io_exits".to_string(), 1)].into()),
-            r: vec![],
-        });
-        let r = Recorded::from_msgs(&m);
-        assert_eq!(r.points.last().unwrap().get(STAT_EXITS), 4300);
-        // A counter that vanishes from one sample to the next is flagged.
-        let mut r = Recorded::from_msgs(&boot());
-        r.points[3].stats.remove("io_exits");
-        let c = checks(&r, &events(&r), 50);
-        assert!(c.iter().any(|c| c.name == "monotonic" && !c.ok));
-        // A sampler off its schedule.
+    fn phases_by_reason_sum_to_the_phase_and_sort_by_exits() {
         let r = Recorded::from_msgs(&boot());
-        let c = checks(&r, &events(&r), 20);
-        assert!(c.iter().any(|c| c.name == "interval" && !c.ok));
-    }
-
-    #[test]
-    fn the_interval_check_counts_missed_ticks_and_fails_a_drifting_sampler() {
-        let steady: Vec<u64> = (0..200).map(|i| i * 20_000).collect();
-        assert!(interval_check(&steady, 20).ok);
-        // One missed tick in 200: counted, not failed.
-        let missed: Vec<u64> = steady.iter().copied().filter(|t| *t != 2_000_000).collect();
-        let c = interval_check(&missed, 20);
-        assert!(c.ok && c.detail.contains("1 of 198"), "{}", c.detail);
-        // Every fifth tick missed: fails.
-        let bad: Vec<u64> = steady
-            .iter()
-            .copied()
-            .filter(|t| t % 100_000 != 0)
-            .collect();
-        assert!(!interval_check(&bad, 20).ok);
-        // Sampling at 30 ms when 20 was asked: fails.
-        let slow: Vec<u64> = (0..100).map(|i| i * 30_000).collect();
-        assert!(!interval_check(&slow, 20).ok);
-        assert!(!interval_check(&[5], 20).ok);
-    }
-
-    #[test]
-    fn csv_has_a_row_per_sample_with_phase_and_rate() {
-        let r = Recorded::from_msgs(&boot());
-        let text = csv::csv(&r, &events(&r));
-        let lines: Vec<&str> = text.lines().collect();
+        let ph = phases(&r, &events(&r));
+        for p in &ph {
+            let sum: u64 = p.reasons.iter().map(|r| r.exits).sum();
+            assert_eq!(sum, p.exits, "{p:?}");
+        }
+        // kernel: 100 -> 3000 exits: CPUID 25 -> 750, I/O 75 -> 2250.
+        let k = &ph[1].reasons;
         assert_eq!(
-            lines[0],
-            "t_s,phase,tag,exits,exit_cycles,exits_per_s,io_exits,cpuid_exits,cpuid_cycles,io_instruction_exits,io_instruction_cycles"
+            (k[0].name, k[0].exits, k[0].cycles),
+            ("IO_INSTRUCTION", 2175, 217_500)
         );
-        assert_eq!(lines.len(), 1 + r.points.len());
-        assert_eq!(lines[1], "0.010000,firmware,,0,0,,0,0,0,0,0");
-        assert_eq!(
-            lines[3],
-            "0.110000,kernel,,1000,100000,18000,500,250,25000,750,75000"
-        );
-        assert!(lines[7].starts_with("0.220000,idle,boot-done,4200,"));
-        // A tag with a comma or a quote is quoted, and reads back whole.
-        let mut r = r;
-        r.points[0].tag = Some("a,\"b\"".into());
-        let text = csv::csv(&r, &events(&r));
+        assert_eq!((k[1].name, k[1].exits), ("CPUID", 725));
+        assert!((k[0].exits_pct - 75.0).abs() < 0.1 && (k[1].cycles_pct - 25.0).abs() < 0.1);
+        let csv = csv::csv(&r, &events(&r));
+        let head = csv.lines().next().unwrap();
         assert!(
-            text.lines().nth(1).unwrap().contains(",\"a,\"\"b\"\"\","),
-            "{text}"
+            head.ends_with(",cpuid_exits,cpuid_cycles,io_instruction_exits,io_instruction_cycles"),
+            "{head}"
         );
-        let mut rd = ::csv::Reader::from_reader(text.as_bytes());
-        let first = rd.records().next().unwrap().unwrap();
-        assert_eq!(&first[2], "a,\"b\"");
-        assert_eq!(first.len(), lines[0].split(',').count());
-    }
-
-    #[test]
-    fn unwritable_output_is_refused() {
-        let e = prepare_out(Path::new("/proc/no-such-dir/out")).unwrap_err();
-        assert!(format!("{e}").contains("--out"), "{e}");
+        assert!(
+            csv.lines().nth(2).unwrap().ends_with(",25,2500,75,7500"),
+            "{csv}"
+        );
     }
 }

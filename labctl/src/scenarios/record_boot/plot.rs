@@ -444,7 +444,7 @@ mod tests {
     /// title, the phases' labels and the axis' description as text, the PNG is a PNG.
     #[test]
     fn a_boot_is_drawn_as_svg_and_png() {
-        let r = Recorded::from_msgs(&super::super::tests::boot());
+        let r = Recorded::from_msgs(&super::super::testdata::boot());
         let e = super::super::series::events(&r);
         let phases = super::super::series::phases(&r, &e);
         let dir = std::env::temp_dir().join(format!("plot-{}", std::process::id()));

@@ -315,3 +315,31 @@ pub fn rates(r: &Recorded) -> Vec<Option<f64>> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scenarios::record_boot::testdata::boot;
+
+    #[test]
+    fn phases_split_the_series_at_the_markers() {
+        let r = Recorded::from_msgs(&boot());
+        let e = events(&r);
+        assert_eq!(e.kernel_us, Some(70_000));
+        assert_eq!(e.userspace_us, Some(170_000));
+        assert_eq!(e.boot_done_us, Some(220_000));
+        let ph = phases(&r, &e);
+        let names: Vec<_> = ph.iter().map(|p| p.name).collect();
+        assert_eq!(names, PHASES);
+        // Values at a boundary are the last sample at or before it.
+        assert_eq!(ph[0].exits, 100); // 0 at 10 ms .. 100 at 60 ms
+        assert_eq!(ph[1].exits, 2900); // 100 .. 3000 at 160 ms
+        assert_eq!(ph[2].exits, 1200); // 3000 .. 4200 at 220 ms
+        assert_eq!(ph[3].exits, 60); // 4200 .. 4260 at 250 ms
+        assert_eq!(ph[4].exits, 40);
+        assert_eq!(ph[1].kinds["io_exits"], 1450);
+        assert!((ph[1].peak_exits_per_s - 40_000.0).abs() < 1e-6);
+        let total: u64 = ph.iter().map(|p| p.exits).sum();
+        assert_eq!(total, 4300);
+    }
+}
