@@ -1430,7 +1430,7 @@ fn compare_paging_shows_what_shadow_paging_changes() {
     let out = stdout(&o);
     assert!(out.contains("SDM exit reason"), "{out}");
     let y = results(&o);
-    assert_eq!(y["schema"].as_str(), Some("kvm-exit-lab/compare-paging/v1"));
+    assert_eq!(y["schema"].as_str(), Some("kvm-exit-lab/compare-paging/v2"));
     assert_eq!(y["ok"].as_bool(), Some(true));
     let sides = y["sides"].as_sequence().unwrap();
     assert_eq!(sides.len(), 2);
@@ -1441,7 +1441,7 @@ fn compare_paging_shows_what_shadow_paging_changes() {
         .unwrap()
         .contains("kvm_amd.npt=0"));
     let exits = |side: &serde_yaml_ng::Value, reason: usize| {
-        side["reasons"][reason][0].as_u64().unwrap_or(0)
+        side["reasons"][reason]["exits"].as_u64().unwrap_or(0)
     };
     let (nested, shadow) = (&sides[0], &sides[1]);
     assert!(exits(shadow, 0) > exits(nested, 0), "{out}");

@@ -19,6 +19,13 @@ pub const MODES: [(&str, &str); 2] = [
 ];
 
 /// One boot: its time to userspace and its exits by reason.
+/// One reason's share of a boot.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct ReasonCount {
+    pub exits: u64,
+    pub cycles: u64,
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Side {
     pub mode: String,
@@ -26,8 +33,8 @@ pub struct Side {
     pub l2_up_s: Option<f64>,
     pub total_exits: u64,
     pub total_cycles: u64,
-    /// SDM reason → (exits, cycles); reasons with no exit left out.
-    pub reasons: BTreeMap<u32, (u64, u64)>,
+    /// By SDM reason; reasons with no exit left out.
+    pub reasons: BTreeMap<u32, ReasonCount>,
     pub run_dir: String,
 }
 
@@ -47,8 +54,13 @@ impl Side {
         for l in lines {
             if let ReasonAnswer::Stats(s) = l.answer {
                 if s.exits > 0 {
-                    side.reasons
-                        .insert(l.reason, (u64::from(s.exits), s.cycles));
+                    side.reasons.insert(
+                        l.reason,
+                        ReasonCount {
+                            exits: u64::from(s.exits),
+                            cycles: s.cycles,
+                        },
+                    );
                     side.total_exits += u64::from(s.exits);
                     side.total_cycles += s.cycles;
                 }
@@ -85,8 +97,14 @@ pub fn table(a: &Side, b: &Side) -> String {
         _ => format!("{:.2}", y as f64 / x as f64),
     };
     for r in keys {
-        let (ea, ca) = a.reasons.get(&r).copied().unwrap_or_default();
-        let (eb, cb) = b.reasons.get(&r).copied().unwrap_or_default();
+        let ReasonCount {
+            exits: ea,
+            cycles: ca,
+        } = a.reasons.get(&r).copied().unwrap_or_default();
+        let ReasonCount {
+            exits: eb,
+            cycles: cb,
+        } = b.reasons.get(&r).copied().unwrap_or_default();
         let name = format!("{r:>2} {}", reasons::sdm_name(r).unwrap_or("?"));
         out += &format!(
             "{name:<28} {ea:>10} {ca:>14} {eb:>10} {cb:>14} {:>9}\n",
@@ -191,7 +209,7 @@ pub fn compare(
     let (a, b) = (&sides[0], &sides[1]);
     // What shadow paging must change on SVM/VMX: guest page faults and CR3 writes become
     // KVM's to intercept, and nested page faults are left for MMIO.
-    let faults = |s: &Side| s.reasons.get(&0).map_or(0, |r| r.0);
+    let faults = |s: &Side| s.reasons.get(&0).map_or(0, |r| r.exits);
     checks.push(Check::new(
         "shadow-intercepts-page-faults",
         faults(b) > faults(a),
@@ -217,7 +235,7 @@ fn write(lab: &Lab, sides: &[Side], checks: &[Check], ok: bool) -> Result<()> {
         lab,
         "compare-paging",
         &Summary {
-            schema: "kvm-exit-lab/compare-paging/v1",
+            schema: "kvm-exit-lab/compare-paging/v2",
             ok,
             sides,
             checks,
