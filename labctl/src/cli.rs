@@ -131,16 +131,12 @@ impl Global {
     /// The lab that `a` and the global options describe: lab.yaml (or --config) under
     /// the command line's options, checked, with the build directory locked.
     pub fn lab(&self, a: LabArgs) -> anyhow::Result<Lab> {
-        let cli_config = self.config.clone();
-        let repo = self.repo.clone();
         let vcpus = a.vcpus;
         let a = a.common;
-        let repo = repo.unwrap_or_else(engine::default_repo);
-        let file = match cli_config {
-            Some(p) => FileConfig::load(&p)?,
-            None if std::path::Path::new("lab.yaml").is_file() => {
-                FileConfig::load(std::path::Path::new("lab.yaml"))?
-            }
+        let repo = self.repo.clone().unwrap_or_else(engine::default_repo);
+        let file = match &self.config {
+            Some(p) => FileConfig::load(p)?,
+            None if Path::new("lab.yaml").is_file() => FileConfig::load(Path::new("lab.yaml"))?,
             None => FileConfig::default(),
         };
         if a.l1_image.is_some() && a.kernel.is_none() {
