@@ -14,6 +14,15 @@ pub mod code {
     pub const PANIC: u8 = 125;
     /// QEMU crashed or was killed, or a VM stopped without reporting.
     pub const VM_CRASHED: u8 = 126;
+
+    /// A scenario's exit status from whether its checks all passed.
+    pub fn of_checks(ok: bool) -> i32 {
+        if ok {
+            0
+        } else {
+            SCENARIO_FAILED.into()
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

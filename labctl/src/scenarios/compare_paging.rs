@@ -223,11 +223,7 @@ pub fn compare(
     crate::verify::print_checks(&checks, 32);
     let ok = checks.iter().all(|c| c.ok);
     write(&sides, &checks, ok)?;
-    Ok(if ok {
-        0
-    } else {
-        crate::error::code::SCENARIO_FAILED.into()
-    })
+    Ok(crate::error::code::of_checks(ok))
 }
 
 fn write(lab: &Lab, sides: &[Side], checks: &[Check], ok: bool) -> Result<()> {

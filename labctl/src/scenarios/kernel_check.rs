@@ -18,9 +18,5 @@ pub fn run(lab: &Lab) -> Result<i32> {
             println!("{}", r.detail);
         }
     }
-    Ok(if results.iter().all(|r| r.ok) {
-        0
-    } else {
-        code::SCENARIO_FAILED.into()
-    })
+    Ok(code::of_checks(results.iter().all(|r| r.ok)))
 }

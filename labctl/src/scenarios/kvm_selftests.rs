@@ -201,11 +201,7 @@ pub fn run(lab: &Lab, tests: &[String], baseline: Option<&Path>) -> Result<i32> 
     };
     let path = engine::write_summary(lab, "kvm-selftests", &summary)?;
     println!("results:  {}", path.display());
-    Ok(if ok {
-        0
-    } else {
-        crate::error::code::SCENARIO_FAILED.into()
-    })
+    Ok(crate::error::code::of_checks(ok))
 }
 
 #[cfg(test)]

@@ -316,11 +316,7 @@ pub fn soak(sh: &Shell, req: &SoakRequest) -> Result<i32> {
         eprintln!("[soak] {why}");
         return Ok(code::SETUP.into());
     }
-    Ok(if summary.failed == 0 && summary.stalled == 0 {
-        0
-    } else {
-        code::SCENARIO_FAILED.into()
-    })
+    Ok(code::of_checks(summary.failed == 0 && summary.stalled == 0))
 }
 
 fn tempdir() -> Result<PathBuf> {

@@ -400,7 +400,7 @@ pub fn exit_cost(lab: &Lab, req: &ExitCostRequest) -> Result<i32> {
     };
     let path = engine::write_summary(lab, "bench-exit-cost", &results)?;
     println!("results:  {}", path.display());
-    Ok(if ok { 0 } else { code::SCENARIO_FAILED.into() })
+    Ok(code::of_checks(ok))
 }
 
 /// The bench's goals, judged on the measured variants (by their lowest repeat, the

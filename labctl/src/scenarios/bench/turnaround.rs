@@ -329,11 +329,7 @@ pub fn turnaround(lab: &Lab, req: &TurnaroundRequest) -> Result<i32> {
     std::fs::write(&path, serde_yaml_ng::to_string(&file)?)
         .with_context(|| format!("writing {}", path.display()))?;
     println!("figures: {}", path.display());
-    Ok(if verify::all_ok(&checks) {
-        0
-    } else {
-        code::SCENARIO_FAILED.into()
-    })
+    Ok(code::of_checks(verify::all_ok(&checks)))
 }
 
 fn goal(name: &str, s: f64, goal_s: f64, what: &str) -> Check {

@@ -390,11 +390,7 @@ pub fn record_boot(lab: &Lab, req: &RecordRequest) -> Result<i32> {
         );
         return Ok(crate::error::code::VM_CRASHED.into());
     }
-    Ok(if verify::all_ok(&checks) {
-        0
-    } else {
-        crate::error::code::SCENARIO_FAILED.into()
-    })
+    Ok(crate::error::code::of_checks(verify::all_ok(&checks)))
 }
 
 #[cfg(test)]
