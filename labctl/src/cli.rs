@@ -16,9 +16,9 @@ use crate::images::Artifacts;
 use crate::lock;
 use crate::series;
 
-/// `--config` and `--repo`, which every subcommand takes.
-/// One `xshell::Shell` for the whole command, made in `main` and passed down: every
-/// external command labctl runs goes through it.
+/// What every subcommand gets: `--config` and `--repo`, and the command's one
+/// `xshell::Shell`, made in `main` and passed down (every external command labctl runs
+/// goes through it).
 pub struct Global {
     pub config: Option<PathBuf>,
     pub repo: Option<PathBuf>,
@@ -93,19 +93,16 @@ impl From<CommonArgs> for LabArgs {
 #[derive(Debug, Clone)]
 pub struct VcpuList(pub Vec<u32>);
 
-pub fn vcpu_list(s: &str) -> Result<VcpuList, String> {
-    parse_vcpu_list(s).map(VcpuList)
-}
-
 /// Parses `--vcpus 1,2,4` (or one number).
-pub fn parse_vcpu_list(s: &str) -> Result<Vec<u32>, String> {
+pub fn vcpu_list(s: &str) -> Result<VcpuList, String> {
     s.split(',')
         .map(|p| {
             p.trim()
                 .parse::<u32>()
                 .map_err(|_| format!("{s:?}: give vCPU counts like 4 or 1,2,4"))
         })
-        .collect()
+        .collect::<Result<_, _>>()
+        .map(VcpuList)
 }
 
 pub fn parse_count(s: &str) -> Result<u64, String> {
@@ -167,7 +164,7 @@ impl Global {
         let lock = std::sync::Arc::new(lock::BuildLock::acquire(&cfg.build_dir)?);
         Ok(Lab {
             sh: self.sh.clone(),
-            lock,
+            _lock: lock,
             cfg,
             repo,
             artifacts: Artifacts {

@@ -1,5 +1,6 @@
-//! Stage 5 of the pipeline, the scenarios: what runs in the lab, and how its messages are
-//! read back. Each scenario builds a job, boots the lab with it, then verifies and reports.
+//! The engine every scenario runs on: a `Lab` (the resolved configuration), its build
+//! (kernel, guest programs, L1 image), a boot of L1 with a job, and what came back
+//! (programs' output, KVM's statistics at checkpoints, the results' common part).
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -23,11 +24,12 @@ use crate::report::{AccelReport, Results, StatsReport, Timings, VmReport};
 use crate::verify::{self, Check};
 
 /// Everything a scenario needs before it boots.
+#[derive(Clone)]
 pub struct Lab {
     /// The command's one shell (`cli::Global`).
     pub sh: Rc<Shell>,
     /// The build directory's lock, held while this labctl uses it.
-    pub lock: std::sync::Arc<crate::lock::BuildLock>,
+    pub _lock: std::sync::Arc<crate::lock::BuildLock>,
     pub cfg: LabConfig,
     pub repo: PathBuf,
     pub artifacts: Artifacts,
@@ -68,24 +70,16 @@ impl Lab {
     pub fn with_config(&self, cfg: LabConfig) -> Result<Lab> {
         cfg.validate()?;
         Ok(Lab {
-            sh: self.sh.clone(),
-            lock: self.lock.clone(),
             cfg,
-            repo: self.repo.clone(),
-            artifacts: self.artifacts.clone(),
-            l1_cmdline: self.l1_cmdline.clone(),
+            ..self.clone()
         })
     }
 
     /// The same lab with `extra` appended to L1's kernel command line.
     pub fn with_l1_cmdline(&self, extra: &str) -> Lab {
         Lab {
-            sh: self.sh.clone(),
-            lock: self.lock.clone(),
-            cfg: self.cfg.clone(),
-            repo: self.repo.clone(),
-            artifacts: self.artifacts.clone(),
             l1_cmdline: l1_cmdline(&self.l1_cmdline, extra),
+            ..self.clone()
         }
     }
 
