@@ -272,10 +272,7 @@ pub fn record_boot(lab: &Lab, req: &RecordRequest) -> Result<i32> {
         } = m
         {
             if series::marks_an_event(line) {
-                progress::note(
-                    "record",
-                    format!("{:>8.2} s  {}", series::secs(*t), line.trim()),
-                );
+                progress::note("record", format!("{:>8.2} s  {}", secs(*t), line.trim()));
             }
         }
         msgs.push(m.clone());

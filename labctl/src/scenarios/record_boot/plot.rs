@@ -256,26 +256,17 @@ impl Figure<'_> {
             let label = format!("{} · {}", p.name, human(p.exits as f64));
             let (px0, _) = top.backend_coord(&(x0, 0.0));
             let (px1, _) = top.backend_coord(&(x1, 0.0));
-            let cx = (x0 + x1) / 2.0;
+            // At the top of the panel, centred on the phase.
+            let (x, y) = top.backend_coord(&((x0 + x1) / 2.0, top_max));
             let ink = RGBColor(0x33, 0x33, 0x33);
-            if f64::from(px1 - px0) > 9.0 * label.chars().count() as f64 {
-                let style = bold(14).color(&ink).pos(Pos::new(HPos::Center, VPos::Top));
-                let (x, _) = top.backend_coord(&(cx, 0.0));
-                top.plotting_area().strip_coord_spec().draw(&Text::new(
-                    label,
-                    (x - top.plotting_area().get_base_pixel().0, 8),
-                    style,
-                ))?;
+            let (style, dx) = if f64::from(px1 - px0) > 9.0 * label.chars().count() as f64 {
+                let centred = Pos::new(HPos::Center, VPos::Top);
+                (bold(14).color(&ink).pos(centred), 0)
             } else {
                 // Narrow phases get their label turned, reading downwards.
-                let style = bold(12).color(&ink).transform(FontTransform::Rotate90);
-                let (x, _) = top.backend_coord(&(cx, 0.0));
-                top.plotting_area().strip_coord_spec().draw(&Text::new(
-                    label,
-                    (x - top.plotting_area().get_base_pixel().0 + 6, 8),
-                    style,
-                ))?;
-            }
+                (bold(12).color(&ink).transform(FontTransform::Rotate90), 6)
+            };
+            root.draw(&Text::new(label, (x + dx, y + 8), style))?;
         }
 
         // Top: cumulative exits.
