@@ -318,9 +318,9 @@ impl VmSpec {
 mod tests {
     use super::*;
 
-    #[test]
-    fn console_is_com1_and_proto_is_com2() {
-        let spec = VmSpec {
+    /// A PC on serial ports, no disk, no QMP.
+    fn pc() -> VmSpec {
+        VmSpec {
             qemu: "qemu".into(),
             firmware_dir: Some("/usr/share/qemu".into()),
             accel: Accel::Kvm,
@@ -336,15 +336,21 @@ mod tests {
             machine: Machine::Pc,
             disks: vec![],
             qmp: None,
-        };
-        let a = spec.args();
-        let serials: Vec<_> = a
-            .iter()
-            .enumerate()
-            .filter(|(_, x)| *x == "-serial")
-            .map(|(i, _)| a[i + 1].as_str())
-            .collect();
-        assert_eq!(serials, ["chardev:console", "chardev:proto"]);
+        }
+    }
+
+    /// The value after each `flag` in `args`, in order.
+    fn values<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
+        args.windows(2)
+            .filter(|w| w[0] == flag)
+            .map(|w| w[1].as_str())
+            .collect()
+    }
+
+    #[test]
+    fn console_is_com1_and_proto_is_com2() {
+        let a = pc().args();
+        assert_eq!(values(&a, "-serial"), ["chardev:console", "chardev:proto"]);
         assert!(a.contains(&"socket,id=proto,path=/run/a,,b.sock".to_string()));
         assert!(a.windows(2).any(|w| w == ["-smp", "4"]));
         assert!(a.windows(2).any(|w| w == ["-m", "256M"]));
@@ -354,19 +360,6 @@ mod tests {
     #[test]
     fn disks_and_qmp_are_typed_and_escaped() {
         let spec = VmSpec {
-            qemu: "qemu".into(),
-            firmware_dir: None,
-            accel: Accel::Tcg,
-            cpu: "max".into(),
-            vcpus: 1,
-            memory_mib: 512,
-            kernel: "k".into(),
-            initrd: "i".into(),
-            append: kernel_cmdline(""),
-            console: Chardev::Stdio,
-            proto: Chardev::Stdio,
-            ports: Ports::Serial,
-            machine: Machine::Pc,
             disks: vec![
                 Disk {
                     path: "/img/a,b.raw".into(),
@@ -378,15 +371,11 @@ mod tests {
                 },
             ],
             qmp: Some("/run/q,1.sock".into()),
+            ..pc()
         };
         let a = spec.args();
-        let drives: Vec<_> = a
-            .windows(2)
-            .filter(|w| w[0] == "-drive")
-            .map(|w| w[1].as_str())
-            .collect();
         assert_eq!(
-            drives,
+            values(&a, "-drive"),
             [
                 "file=/img/a,,b.raw,if=virtio,format=raw,snapshot=on",
                 "file=/dev/vda,if=virtio,format=raw,cache=unsafe"
@@ -395,33 +384,19 @@ mod tests {
         assert!(a
             .windows(2)
             .any(|w| w == ["-qmp", "unix:/run/q,,1.sock,server=on,wait=off"]));
-        let bare = VmSpec {
-            disks: vec![],
-            qmp: None,
-            ..spec
-        }
-        .args();
-        assert!(!bare.iter().any(|x| x == "-drive" || x == "-qmp"));
+        assert!(!pc().args().iter().any(|x| x == "-drive" || x == "-qmp"));
     }
 
     #[test]
     fn virtio_ports_are_two_consoles_on_one_device() {
         let spec = VmSpec {
-            qemu: "qemu".into(),
             firmware_dir: None,
-            accel: Accel::Kvm,
-            cpu: "host".into(),
             vcpus: 1,
-            memory_mib: 256,
-            kernel: "/boot/bzImage".into(),
-            initrd: "/tmp/l2.cpio".into(),
             append: kernel_cmdline_for(Ports::Virtio, "x=1"),
-            console: Chardev::Stdio,
             proto: Chardev::Socket("/run/p.sock".into()),
             ports: Ports::Virtio,
             machine: Machine::Microvm,
-            disks: vec![],
-            qmp: None,
+            ..pc()
         };
         let a = spec.args();
         assert!(!a.contains(&"-serial".to_string()));
@@ -431,13 +406,8 @@ mod tests {
         assert!(a
             .windows(2)
             .any(|w| w == ["-global", "virtio-mmio.ioeventfd=off"]));
-        let devices: Vec<_> = a
-            .windows(2)
-            .filter(|w| w[0] == "-device")
-            .map(|w| w[1].as_str())
-            .collect();
         assert_eq!(
-            devices,
+            values(&a, "-device"),
             [
                 "virtio-serial-device,id=vser0,max_ports=1",
                 "virtconsole,bus=vser0.0,chardev=console",
